@@ -1,0 +1,39 @@
+"""`ib fit|validate --config conf/...` (LightningCLI). Bad input ends in one line on stderr and exit 2."""
+import os
+import sys
+import warnings
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from jsonargparse import ArgumentError  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
+from ib.errors import ConfigError  # noqa: E402
+from ib.lit_module import InstantBoothModule  # noqa: E402
+
+
+class InstantBoothCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser):
+        parser.link_arguments("model.identifier", "data.identifier")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    try:
+        InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
+                        save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    except (ConfigError, ArgumentError) as e:
+        print(f"ib: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

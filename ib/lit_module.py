@@ -1,0 +1,108 @@
+"""The LightningModule: wiring only. The maths lives in ib.models."""
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid
+
+from ib.errors import ConfigError
+from ib.models.frozen_ldm import LDMConfig
+from ib.models.image_encoder import ImageEncoderConfig
+from ib.models.instantbooth import InstantBooth
+from ib.models.sampler import SamplingConfig, sample
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with one learning rate for the two heads and one for the adapters (paper: 1e-4 / 1e-6)."""
+    lr_heads: float = 1e-4
+    lr_adapters: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+
+def _as(cls, value):
+    """Configs arrive as dataclasses from the CLI and as dicts from a checkpoint's hyper-parameters."""
+    return value if isinstance(value, cls) else cls(**(value or {}))
+
+
+class InstantBoothModule(L.LightningModule):
+    """
+    beta_train: adapter strength in training (1.0 in the paper).
+    cond_dropout: probability of training a sample as the guidance's unconditional branch.
+    sampling: the sampler settings used for validation images.
+    """
+
+    def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
+                 uncond_adapters: bool = True, optim: OptimConfig | None = None, beta_train: float = 1.0,
+                 cond_dropout: float = 0.1, sampling: SamplingConfig | None = None, val_seed: int = 0):
+        super().__init__()
+        ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
+        self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
+        if not identifier.strip():
+            raise ConfigError("model.identifier: must not be empty")
+        if not 0.0 <= cond_dropout < 1.0:
+            raise ConfigError(f"model.cond_dropout: must be in [0, 1), got {cond_dropout}")
+        # Plain dicts only: checkpoints load with weights_only=True and rebuild the frozen parts from these.
+        self.save_hyperparameters({
+            "ldm": asdict(ldm), "image_encoder": asdict(image_encoder), "identifier": identifier,
+            "uncond_adapters": uncond_adapters, "optim": asdict(self.optim), "beta_train": beta_train,
+            "cond_dropout": cond_dropout, "sampling": asdict(self.sampling), "val_seed": val_seed,
+        })
+        self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
+        self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
+                                              uncond_adapters=uncond_adapters)
+
+    # --- steps ------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"],
+                                        beta=self.beta_train, cond_dropout=self.cond_dropout)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # Fixed noise and timesteps per batch: validation curves compare like with like.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.val_seed + batch_idx)
+            loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"], beta=self.beta_train)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+
+    @torch.no_grad()
+    def log_images(self, batch, max_images: int = 4) -> dict[str, torch.Tensor]:
+        """Reference | generated pairs for the first images of `batch`, fixed seeds; a grid per name."""
+        n = min(max_images, len(batch["caption"]))
+        refs = batch["refs"][:n].to(self.device)
+        generated = sample(self.model, refs, batch["caption"][:n], self.sampling,
+                           seeds=[self.val_seed + i for i in range(n)])
+        ref_view = torch.nn.functional.interpolate(refs[:, 0], size=generated.shape[-2:], mode="bilinear")
+        pairs = torch.stack([ref_view.float(), batch["image"][:n].to(generated), generated], dim=1).flatten(0, 1)
+        return {"reference_target_generated": make_grid(pairs.cpu(), nrow=3, padding=2)}
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = self.model.param_groups()
+        o = self.optim
+        optimizer = torch.optim.AdamW([
+            {"params": groups["heads"], "lr": o.lr_heads, "name": "heads"},
+            {"params": groups["adapters"], "lr": o.lr_adapters, "name": "adapters"},
+        ], weight_decay=o.weight_decay)
+        warmup = max(1, o.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints: trainable weights only; frozen parts are rebuilt from the config ---------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        expected = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+        missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
+        if missing or unexpected:
+            raise ConfigError(f"checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected weights, e.g. {sorted(missing or unexpected)[0]})")
+        for k, v in state_dict.items():
+            if v.shape != expected[k].shape:
+                raise ConfigError(f"checkpoint does not fit this model: {k} has shape {tuple(v.shape)}, "
+                                  f"the model has {tuple(expected[k].shape)}")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+

@@ -1,0 +1,118 @@
+"""The frozen latent diffusion model: VAE, text encoder, tokenizer, UNet, noise scheduler.
+
+One code path loads a diffusers-layout model from a hub id or a local folder; without one, the parts are
+built with random weights from architecture configs (the tiny embedded default, or full SD 1.5 shapes for
+benchmarks).
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ib.errors import ConfigError
+from ib.models.tokenizer import offline_clip_tokenizer
+
+
+@dataclass
+class LDMConfig:
+    """Where the frozen model comes from.
+
+    pretrained: a hub id or a local folder in diffusers layout (unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/). When null, the parts are built with random weights from the architecture dicts below.
+    """
+    pretrained: str | None = None
+    unet: dict = field(default_factory=dict)
+    vae: dict = field(default_factory=dict)
+    text_encoder: dict = field(default_factory=dict)
+    scheduler: dict = field(default_factory=dict)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+class FrozenLDM(nn.Module):
+    """Holds the frozen parts; none of them is ever trained."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # frozen parts stay in eval mode (no dropout, fixed norms)
+        return super().train(False)
+
+    @property
+    def text_width(self) -> int:
+        return self.text_encoder.config.hidden_size
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @classmethod
+    def from_config(cls, cfg: LDMConfig) -> "FrozenLDM":
+        if cfg.pretrained:
+            return cls._load(cfg.pretrained)
+        for name in ("unet", "vae", "text_encoder"):
+            if not getattr(cfg, name):
+                raise ConfigError(f"model.ldm.{name}: architecture config is empty and model.ldm.pretrained is not set")
+        unet = UNet2DConditionModel(**cfg.unet)
+        vae = AutoencoderKL(**cfg.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))
+        tokenizer = offline_clip_tokenizer(cfg.text_encoder.get("max_position_embeddings", 77))
+        if len(tokenizer) > text_encoder.config.vocab_size:
+            raise ConfigError(f"model.ldm.text_encoder.vocab_size: {text_encoder.config.vocab_size} is smaller "
+                              f"than the CLIP tokenizer's {len(tokenizer)}")
+        return cls(unet, vae, text_encoder, tokenizer, DDPMScheduler(**cfg.scheduler))
+
+    @classmethod
+    def _load(cls, name: str) -> "FrozenLDM":
+        path = Path(name).expanduser()
+        if _looks_like_path(name) and not path.is_dir():
+            raise ConfigError(f"model.ldm.pretrained: folder not found: {name}")
+        src = str(path) if path.is_dir() else name
+        try:
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+            scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': {first}") from e
+        return cls(unet, vae, text_encoder, tokenizer, scheduler)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Diffusers layout, loadable by `pretrained: folder` (and by diffusers itself)."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet")
+        self.vae.save_pretrained(folder / "vae")
+        self.text_encoder.save_pretrained(folder / "text_encoder")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.noise_scheduler.save_pretrained(folder / "scheduler")
+
+    def sampling_scheduler(self, kind: str = "ddim"):
+        """A fresh inference scheduler sharing the training noise schedule."""
+        kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+        if kind not in kinds:
+            raise ConfigError(f"sampling.scheduler: unknown '{kind}' (one of {sorted(kinds)})")
+        return kinds[kind].from_config(self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (a sample of the posterior)."""
+        dist = self.vae.encode(images * 2 - 1).latent_dist
+        return dist.sample() * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1]."""
+        return (self.vae.decode(latents / self.latent_scale).sample / 2 + 0.5).clamp(0, 1)
