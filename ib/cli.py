@@ -2,9 +2,11 @@
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+import yaml  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -23,10 +25,25 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Every --config file must exist and be valid YAML; say which one is not."""
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--config=") else None
+        if path is None:
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {path}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path} is not valid YAML: {_one_line(e)}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     try:
+        check_config_files(sys.argv[1:] if argv is None else argv)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except (ConfigError, ArgumentError) as e:

@@ -1,0 +1,65 @@
+"""Shared fixtures: the embedded default config shrunk for tests, synthetic shards in a temp dir."""
+import copy
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "conf" / "default.yaml"
+
+
+def default_config() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def build_tiny_model(**kwargs):
+    """The embedded default InstantBooth (tiny random parts), built through the same config code."""
+    from ib.models.frozen_ldm import LDMConfig
+    from ib.models.image_encoder import ImageEncoderConfig
+    from ib.models.instantbooth import InstantBooth
+
+    m = default_config()["model"]
+    torch.manual_seed(0)
+    return InstantBooth.from_config(LDMConfig(**m["ldm"]), ImageEncoderConfig(**m["image_encoder"]), **kwargs)
+
+
+@pytest.fixture
+def tiny_model():
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """A small synthetic world written as real WebDataset shards: 6 train + 3 val concepts."""
+    from data_tools.synthetic_world import build
+
+    out = tmp_path_factory.mktemp("world") / "synthetic"
+    build(out, concepts=6, val_concepts=3, images_per_concept=4, size=64, shard_size=8, seed=0)
+    return out
+
+
+def run_config(tmp_path: Path, shards: Path, **trainer_overrides) -> Path:
+    """conf/default.yaml with every path pointed into tmp_path and a few-step trainer; returns its path."""
+    cfg = copy.deepcopy(default_config())
+    run = tmp_path / "run"
+    t = cfg["trainer"]
+    t.update(default_root_dir=str(run), max_steps=4, val_check_interval=2, limit_val_batches=1)
+    t["logger"]["init_args"]["save_dir"] = str(run)
+    for cb in t["callbacks"]:
+        if cb["class_path"].endswith("RunCheckpoint"):
+            cb["init_args"].update(dirpath=str(run / "checkpoints"), every_n_train_steps=2)
+    t.update(trainer_overrides)
+    cfg["model"]["sampling"]["steps"] = 2
+    cfg["data"].update(train_shards=str(shards / "train"), val_shards=str(shards / "val"), batch_size=2,
+                       batches_per_epoch=3, val_batches=1)
+    cfg["data"]["loader"]["num_workers"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
