@@ -10,6 +10,7 @@ from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig, sample
+from ib.weights import load_trainable
 
 
 @dataclass
@@ -95,14 +96,5 @@ class InstantBoothModule(L.LightningModule):
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        expected = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
-        missing, unexpected = set(expected) - set(state_dict), set(state_dict) - set(expected)
-        if missing or unexpected:
-            raise ConfigError(f"checkpoint does not fit this model ({len(missing)} missing, {len(unexpected)} "
-                              f"unexpected weights, e.g. {sorted(missing or unexpected)[0]})")
-        for k, v in state_dict.items():
-            if v.shape != expected[k].shape:
-                raise ConfigError(f"checkpoint does not fit this model: {k} has shape {tuple(v.shape)}, "
-                                  f"the model has {tuple(expected[k].shape)}")
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
-
+        state = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        load_trainable(self.model, state, "checkpoint")
