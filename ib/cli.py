@@ -1,4 +1,5 @@
 """`ib fit|validate --config conf/...` (LightningCLI). Bad input ends in one line on stderr and exit 2."""
+import importlib
 import os
 import sys
 import warnings
@@ -39,11 +40,18 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config: {path} is not valid YAML: {_one_line(e)}") from e
 
 
+# Commands beside LightningCLI's fit/validate: name -> module with main(argv).
+COMMANDS = {"generate": "ib.generate", "export": "ib.export"}
+
+
 def main(argv: list[str] | None = None) -> int:
     # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    args = sys.argv[1:] if argv is None else argv
     try:
-        check_config_files(sys.argv[1:] if argv is None else argv)
+        if args and args[0] in COMMANDS:
+            return importlib.import_module(COMMANDS[args[0]]).main(args[1:])
+        check_config_files(args)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except (ConfigError, ArgumentError) as e:

@@ -17,27 +17,27 @@ from ib.models.instantbooth import InstantBooth
 CONFIG_KEY = "ib_config"  # safetensors metadata entry holding the JSON config
 
 
-def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_weights(path: str | Path, field_name: str = "--weights") -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (hyper-parameters, trainable state dict without the 'model.' prefix)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--weights: file not found: {path}")
+        raise ConfigError(f"{field_name}: file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
             state = load_file(str(path))
         except Exception as e:
-            raise ConfigError(f"--weights: cannot read {path}: {e}") from e
+            raise ConfigError(f"{field_name}: cannot read {path}: {e}") from e
         if CONFIG_KEY not in meta:
-            raise ConfigError(f"--weights: {path} has no '{CONFIG_KEY}' metadata (not written by `ib export`)")
+            raise ConfigError(f"{field_name}: {path} has no '{CONFIG_KEY}' metadata (not written by `ib export`)")
         return json.loads(meta[CONFIG_KEY]), state
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"--weights: cannot read {path}: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"{field_name}: cannot read {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ConfigError(f"--weights: {path} is not an ib checkpoint")
+        raise ConfigError(f"{field_name}: {path} is not an ib checkpoint")
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     return dict(ckpt["hyper_parameters"]), state
 

@@ -28,6 +28,7 @@ class LDMConfig:
     vae: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
+    init_seed: int = 0  # random weights are a function of this seed: a checkpoint rebuilds the same frozen parts
 
 
 def _looks_like_path(name: str) -> bool:
@@ -64,9 +65,11 @@ class FrozenLDM(nn.Module):
         for name in ("unet", "vae", "text_encoder"):
             if not getattr(cfg, name):
                 raise ConfigError(f"model.ldm.{name}: architecture config is empty and model.ldm.pretrained is not set")
-        unet = UNet2DConditionModel(**cfg.unet)
-        vae = AutoencoderKL(**cfg.vae)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            unet = UNet2DConditionModel(**cfg.unet)
+            vae = AutoencoderKL(**cfg.vae)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))
         tokenizer = offline_clip_tokenizer(cfg.text_encoder.get("max_position_embeddings", 77))
         if len(tokenizer) > text_encoder.config.vocab_size:
             raise ConfigError(f"model.ldm.text_encoder.vocab_size: {text_encoder.config.vocab_size} is smaller "

@@ -22,6 +22,7 @@ class ImageEncoderConfig:
     model_name: str = "ViT-L-14"
     pretrained: str | None = None
     overrides: dict = field(default_factory=dict)
+    init_seed: int = 0  # random weights are a function of this seed (reproducible across processes)
 
 
 def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_encoder"):
@@ -33,7 +34,9 @@ def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_enc
     if not cfg.pretrained:
         root.setLevel(logging.ERROR)
     try:
-        return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, **cfg.overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, **cfg.overrides)
     except RuntimeError as e:
         raise ConfigError(f"{field_name}: cannot build '{cfg.model_name}' from '{cfg.pretrained}': "
                           f"{str(e).splitlines()[0]}") from e

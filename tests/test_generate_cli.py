@@ -1,0 +1,105 @@
+"""`ib export` and `ib generate` end to end, and their refusals."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ib.cli import main
+from ib.weights import export_weights
+from tests.conftest import build_tiny_model, default_config
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    m = default_config()["model"]
+    model = build_tiny_model()
+    with torch.no_grad():
+        for a in model.adapters:
+            a.gate.fill_(0.4)
+    hparams = {"ldm": m["ldm"], "image_encoder": m["image_encoder"], "identifier": "sks", "uncond_adapters": True,
+               "sampling": dict(m["sampling"], steps=2)}
+    return export_weights(model, hparams, tmp_path_factory.mktemp("w") / "ib.safetensors")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 60, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+        paths.append(str(d / f"{i}.jpg"))
+    mask = np.zeros((80, 60), np.uint8)
+    mask[10:60, 10:50] = 255
+    Image.fromarray(mask).save(d / "mask.png")
+    return paths, str(d / "mask.png")
+
+
+def test_generate_writes_images_and_settings(tmp_path, weights, photos, capsys):
+    refs, _ = photos
+    out = tmp_path / "out"
+    rc = main(["generate", "--weights", str(weights), "--ref", *refs, "--prompt", "a photo of a sks dog on the beach",
+               "--out", str(out), "--num-images", "3", "--seed", "5", "--beta", "0.5", "--batch-size", "2"])
+    assert rc == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["seed000005.png", "seed000006.png", "seed000007.png"]
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["sampling"]["beta"] == 0.5 and settings["sampling"]["alpha"] == 0.4
+    assert settings["sampling"]["steps"] == 2 and settings["seeds"] == [5, 6, 7] and len(settings["refs"]) == 3
+    assert Image.open(out / pngs[0]).size == (64, 64)
+
+
+def test_export_from_checkpoint_and_dtype(tmp_path, weights):
+    from ib.export import export
+
+    # A Lightning-style checkpoint (what `ib fit` writes) exports to the same tensors.
+    from safetensors.torch import load_file
+    from ib.weights import read_weights
+    hparams, state = read_weights(weights)
+    ckpt = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}, ckpt)
+    out = export(str(ckpt), tmp_path / "e.safetensors", "bf16")
+    got = load_file(str(out))
+    assert set(got) == set(state) and all(v.dtype == torch.bfloat16 for v in got.values())
+
+
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ib: error:")
+    return err[0]
+
+
+def test_generate_refusals(tmp_path, weights, photos, capsys):
+    refs, mask = photos
+    out = tmp_path / "out"
+    base = ["generate", "--weights", str(weights), "--out", str(out)]
+    assert "identifier 'sks'" in _error(capsys, base + ["--ref", refs[0], "--prompt", "a photo of a dog"])
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    assert "broken.jpg" in _error(capsys, base + ["--ref", str(bad), "--prompt", "a sks dog"])
+    assert "nowhere.safetensors" in _error(capsys, ["generate", "--weights", str(tmp_path / "nowhere.safetensors"),
+                                                     "--ref", refs[0], "--prompt", "a sks dog", "--out", str(out)])
+    assert "--mask" in _error(capsys, base + ["--ref", *refs[:2], "--mask", mask, "--prompt", "a sks dog"])
+    assert not out.exists()  # nothing half-written
+
+    # Weights of another architecture: a message, not a stack of shape errors.
+    from ib.weights import read_weights
+    hparams, state = read_weights(weights)
+    other = dict(hparams, ldm=dict(hparams["ldm"], unet=dict(hparams["ldm"]["unet"], cross_attention_dim=48)))
+    from safetensors.torch import save_file
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(state, str(wrong), metadata={"ib_config": json.dumps(other)})
+    msg = _error(capsys, ["generate", "--weights", str(wrong), "--ref", refs[0], "--prompt", "a sks dog",
+                          "--out", str(out)])
+    assert "do not fit" in msg
+    assert not out.exists()
+
+
+def test_generate_with_masks(tmp_path, weights, photos):
+    refs, mask = photos
+    assert main(["generate", "--weights", str(weights), "--ref", refs[0], "--mask", mask, "--prompt", "a sks dog",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "seed000000.png").is_file()
