@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-fast data tensorboard clean
+.PHONY: venv train test test-fast data tensorboard experiment clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# Identity transfer in the synthetic world: toy base LDM -> InstantBooth on it (frozen) -> held-out measurement.
+# Each stage resumes from its last checkpoint, so an interrupted run continues where it stopped.
+experiment: $(STAMP)
+	$(BIN)/python -m data_tools.synthetic_world --output data/toyworld --concepts 240 --val-concepts 24 --images-per-concept 8 --size 32
+	$(BIN)/ib toy-base --config conf/toy_base.yaml --ckpt_path last
+	$(BIN)/ib fit --config conf/toy_instantbooth.yaml --ckpt_path last
+	$(BIN)/python -m ib.toy.experiment --weights runs/toy_instantbooth/checkpoints/last.ckpt --data data/toyworld/val --out runs/experiment
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --bind_all

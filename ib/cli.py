@@ -41,12 +41,13 @@ def check_config_files(argv: list[str]) -> None:
 
 
 # Commands beside LightningCLI's fit/validate: name -> module with main(argv).
-COMMANDS = {"generate": "ib.generate", "export": "ib.export"}
+COMMANDS = {"generate": "ib.generate", "export": "ib.export", "toy-base": "ib.toy.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:
     # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = sys.argv[1:] if argv is None else argv
     try:
         if args and args[0] in COMMANDS:

@@ -1,0 +1,83 @@
+"""Trains the tiny text-to-image latent diffusion model itself on the synthetic world (issue: a base model
+worth freezing). Phase 1 trains the VAE (reconstruction + a small KL), phase 2 the UNet on its latents
+(ε-prediction, captions without the identifier, caption dropout for CFG). The text encoder stays random and
+frozen. At the end the whole model is saved in diffusers layout, ready for `model.ldm.pretrained`.
+"""
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ib.models.frozen_ldm import FrozenLDM, LDMConfig
+from ib.models.identifier import strip_identifier
+
+
+class ToyBaseModule(L.LightningModule):
+    def __init__(self, ldm: LDMConfig, output_dir: str, identifier: str = "sks", vae_steps: int = 1000,
+                 lr_vae: float = 1e-3, lr_unet: float = 5e-4, kl_weight: float = 1e-6, caption_dropout: float = 0.1):
+        super().__init__()
+        ldm = ldm if isinstance(ldm, LDMConfig) else LDMConfig(**ldm)
+        self.save_hyperparameters({"ldm": asdict(ldm), "output_dir": output_dir, "identifier": identifier,
+                                   "vae_steps": vae_steps, "lr_vae": lr_vae, "lr_unet": lr_unet,
+                                   "kl_weight": kl_weight, "caption_dropout": caption_dropout})
+        self.automatic_optimization = False  # two phases, two optimizers
+        self.ldm = FrozenLDM.from_config(ldm)
+        self.ldm.vae.requires_grad_(True)
+        self.ldm.unet.requires_grad_(True)
+        self.output_dir, self.identifier = Path(output_dir), identifier
+        self.vae_steps, self.kl_weight, self.caption_dropout = vae_steps, kl_weight, caption_dropout
+        # Latent std measured when phase 2 starts; a buffer so that it survives checkpoints.
+        self.register_buffer("latent_scale", torch.tensor(0.0))
+
+    def configure_optimizers(self):
+        h = self.hparams
+        return [torch.optim.AdamW(self.ldm.vae.parameters(), lr=h.lr_vae),
+                torch.optim.AdamW(self.ldm.unet.parameters(), lr=h.lr_unet)]
+
+    def _vae_loss(self, images):
+        dist = self.ldm.vae.encode(images * 2 - 1).latent_dist
+        recon = self.ldm.vae.decode(dist.sample()).sample
+        return F.l1_loss(recon, images * 2 - 1) + F.mse_loss(recon, images * 2 - 1) + self.kl_weight * dist.kl().mean()
+
+    def _unet_loss(self, images, captions):
+        with torch.no_grad():
+            latents = self.ldm.vae.encode(images * 2 - 1).latent_dist.sample()
+            if self.latent_scale == 0:
+                self.latent_scale.fill_(1.0 / latents.std())
+            latents = latents * self.latent_scale
+        prompts = ["" if torch.rand(()) < self.caption_dropout else strip_identifier(c, self.identifier)
+                   for c in captions]
+        ids = self.ldm.tokenizer(prompts, padding="max_length", max_length=self.ldm.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with torch.no_grad():
+            text = self.ldm.text_encoder(ids)[0]
+        sched = self.ldm.noise_scheduler
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=self.device)
+        pred = self.ldm.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        return F.mse_loss(pred, noise)
+
+    def training_step(self, batch, batch_idx):
+        vae_opt, unet_opt = self.optimizers()
+        phase_vae = self.global_step < self.vae_steps
+        opt = vae_opt if phase_vae else unet_opt
+        loss = self._vae_loss(batch["image"]) if phase_vae else self._unet_loss(batch["image"], batch["caption"])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=1.0)
+        opt.step()
+        self.log("train/vae_loss" if phase_vae else "train/unet_loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+
+    def validation_step(self, batch, batch_idx):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_idx)
+            self.log("val/vae_loss", self._vae_loss(batch["image"]), batch_size=len(batch["image"]))
+            if self.latent_scale > 0:
+                self.log("val/unet_loss", self._unet_loss(batch["image"], batch["caption"]), batch_size=len(batch["image"]))
+
+    def on_train_end(self):
+        if self.trainer.is_global_zero and self.latent_scale > 0:
+            self.ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
+            self.ldm.save_pretrained(self.output_dir)

@@ -1,0 +1,11 @@
+"""`ib toy-base --config conf/toy_base.yaml [--ckpt_path last]`: LightningCLI fit of the toy base model."""
+from lightning.pytorch.cli import LightningCLI
+
+from ib.data.datamodule import InstantBoothDataModule
+from ib.toy.base_module import ToyBaseModule
+
+
+def main(argv: list[str]) -> int:
+    LightningCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv], save_config_kwargs={"overwrite": True},
+                 parser_kwargs={"exit_on_error": False})
+    return 0

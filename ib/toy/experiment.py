@@ -1,0 +1,172 @@
+"""Does identity transfer to held-out concepts? `make experiment` (after the toy base and InstantBooth runs).
+
+On the held-out (validation) concepts of the synthetic world, at fixed timesteps and fixed noise:
+  loss_own       — denoising loss with references of the target's own concept (other images of it)
+  loss_shuffled  — with references of another held-out concept of the same class
+  loss_base      — adapters and concept token off, identifier removed: the frozen base alone
+plus identity scores (ib/toy/identity_score.py) of images generated with own vs shuffled references.
+Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
+the shuffled reference).
+"""
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from ib.data.shards import decode_sample, resolve_shards
+from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
+from ib.models.identifier import insert_identifier, strip_identifier
+from ib.models.sampler import SamplingConfig, sample
+from ib.toy.identity_score import identity_similarity
+from ib.weights import load_instantbooth
+
+
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 255
+
+
+def load_concepts(shards: str) -> dict[str, list[dict]]:
+    by_concept = defaultdict(list)
+    for raw in wds.WebDataset(resolve_shards(shards, "--data"), shardshuffle=False, empty_check=False):
+        s = decode_sample(raw)
+        by_concept[s["meta"]["concept"]].append(s)
+    return dict(sorted(by_concept.items()))
+
+
+def shuffled_partner(concepts: dict[str, list[dict]]) -> dict[str, str]:
+    """Each concept -> another concept of the same class (a rotation within the class)."""
+    by_class = defaultdict(list)
+    for c, samples in concepts.items():
+        by_class[samples[0]["meta"]["class"]].append(c)
+    partner = {}
+    for members in by_class.values():
+        if len(members) < 2:
+            raise SystemExit(f"error: class of {members[0]} has one held-out concept; shuffling needs two")
+        for i, c in enumerate(members):
+            partner[c] = members[(i + 1) % len(members)]
+    return partner
+
+
+class Experiment:
+    def __init__(self, weights: str, data: str, num_refs: int, timesteps: list[int], seed: int):
+        self.model, self.hparams = load_instantbooth(weights)
+        self.concepts = load_concepts(data)
+        self.partner = shuffled_partner(self.concepts)
+        self.num_refs, self.timesteps, self.seed = num_refs, timesteps, seed
+        size = self.model.ldm.unet.config.sample_size * 2 ** (len(self.model.ldm.vae.config.block_out_channels) - 1)
+        self.target = target_transform(size, train=False)
+        self.augment = ReferenceAugment()
+        self.reference = reference_transform(self.model.image_encoder.image_size[0], self.augment, train=False)
+
+    def refs(self, concept: str, exclude_key: str | None) -> torch.Tensor:
+        """(num_refs, 3, R, R): masked object crops of the concept's images, other than the target."""
+        chosen = [s for s in self.concepts[concept] if s["__key__"] != exclude_key][: self.num_refs]
+        return torch.stack([to_tensor(self.reference(image=mask_crop(s["image"], s["mask"], self.augment.fill, 0, None))["image"])
+                            for s in chosen])
+
+    def object_pixels(self, concept: str) -> np.ndarray:
+        return np.concatenate([s["image"][s["mask"]] for s in self.concepts[concept]])
+
+    @torch.no_grad()
+    def losses(self) -> dict:
+        m, sched = self.model, self.model.ldm.noise_scheduler
+        identifier = m.identifier
+        totals = defaultdict(lambda: np.zeros(len(self.timesteps)))
+        n = 0
+        samples = [(c, s) for c, ss in self.concepts.items() for s in ss]
+        gen = torch.Generator().manual_seed(self.seed)
+        for concept, s in tqdm(samples, desc="fixed-noise losses", unit="img"):
+            image = to_tensor(self.target(image=s["image"])["image"])[None]
+            caption = insert_identifier(s["caption"], s["meta"]["class"], identifier)
+            latents = m.ldm.encode_images(image)
+            t = torch.tensor(self.timesteps)
+            noise = torch.randn((len(t), *latents.shape[1:]), generator=gen)
+            noisy = sched.add_noise(latents.expand(len(t), -1, -1, -1), noise, t)
+            conditions = {
+                "own": (self.refs(concept, s["__key__"]), True, 1.0),
+                "shuffled": (self.refs(self.partner[concept], None), True, 1.0),
+                "own_concept_only": (self.refs(concept, s["__key__"]), True, 0.0),
+                "own_adapters_only": (self.refs(concept, s["__key__"]), False, 1.0),
+                "base": (None, False, 0.0),
+            }
+            for name, (refs, use_concept, beta) in conditions.items():
+                concept_vec = visual = None
+                if refs is not None:
+                    concept_vec, visual = m.encode_references(refs[None])
+                prompt = caption if use_concept else strip_identifier(caption, identifier)
+                text = m.encode_prompts([prompt], concept_vec if use_concept else None).expand(len(t), -1, -1)
+                vis = None if visual is None else visual.expand(len(t), -1, -1)
+                pred = m.predict_noise(noisy, t, text, vis, beta)
+                totals[name] += ((pred - noise) ** 2).mean(dim=(1, 2, 3)).numpy()
+            n += 1
+        return {name: {"mean": float(v.mean() / n), "per_timestep": dict(zip(map(str, self.timesteps), (v / n).round(5).tolist()))}
+                for name, v in totals.items()}
+
+    @torch.no_grad()
+    def identity(self, cfg: SamplingConfig, prompts_per_concept: int) -> tuple[dict, torch.Tensor]:
+        scores = defaultdict(list)
+        rows = []
+        for i, (concept, ss) in enumerate(tqdm(self.concepts.items(), desc="identity", unit="concept")):
+            own, other = self.refs(concept, None), self.refs(self.partner[concept], None)
+            ref_pixels = self.object_pixels(concept)
+            for j, s in enumerate(ss[:prompts_per_concept]):
+                prompt = insert_identifier(s["caption"], s["meta"]["class"], self.model.identifier)
+                seed = self.seed + 1000 * i + j
+                g_own = sample(self.model, own[None], [prompt], cfg, [seed])[0]
+                g_shuf = sample(self.model, other[None], [prompt], cfg, [seed])[0]
+                for name, g in (("own", g_own), ("shuffled", g_shuf)):
+                    img = (g.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+                    scores[name].append(identity_similarity(img, s["meta"]["context"], ref_pixels))
+                if j == 0:
+                    size = g_own.shape[-1]
+                    up = lambda x: torch.nn.functional.interpolate(x[None], size=size, mode="bilinear")[0]
+                    rows.append(torch.stack([up(own[0]), g_own, g_shuf, up(other[0])]))
+        grid = make_grid(torch.cat(rows), nrow=4, padding=1, pad_value=1.0)
+        return {k: float(np.mean(v)) for k, v in scores.items()}, grid
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", required=True)
+    p.add_argument("--data", required=True, help="held-out concept shards (e.g. data/toyworld/val)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--num-refs", type=int, default=3)
+    p.add_argument("--timesteps", type=int, nargs="+", default=[100, 250, 400, 550, 700, 850])
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--prompts-per-concept", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    exp = Experiment(a.weights, a.data, a.num_refs, a.timesteps, a.seed)
+    losses = exp.losses()
+    trained = SamplingConfig(steps=a.sample_steps, guidance_scale=a.guidance_scale, beta=1.0, alpha=1.0)
+    balanced = SamplingConfig(steps=a.sample_steps, guidance_scale=a.guidance_scale, beta=0.3, alpha=0.4)
+    ident, grid = exp.identity(trained, a.prompts_per_concept)
+    ident_bal, _ = exp.identity(balanced, a.prompts_per_concept)
+    report = {
+        "loss_own": losses["own"]["mean"], "loss_shuffled": losses["shuffled"]["mean"], "loss_base": losses["base"]["mean"],
+        "own_vs_shuffled_reduction": 1 - losses["own"]["mean"] / losses["shuffled"]["mean"],
+        "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
+        "identity_balanced": {"beta": 0.3, "alpha": 0.4, **ident_bal},
+        "losses": losses,
+        "settings": {"weights": a.weights, "data": a.data, "held_out_concepts": len(exp.concepts),
+                     "samples": sum(map(len, exp.concepts.values())), "num_refs": a.num_refs,
+                     "timesteps": a.timesteps, "sample_steps": a.sample_steps, "guidance_scale": a.guidance_scale,
+                     "identity_sampling": {"beta": 1.0, "alpha": 1.0}, "seed": a.seed},
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "report.json").write_text(json.dumps(report, indent=1))
+    save_image(grid, a.out / "grid.png")
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
