@@ -12,12 +12,14 @@ def trainable_state(pl_module) -> dict[str, torch.Tensor]:
 
 
 class StepMarker(L.Callback):
-    """Writes the global step after every training step, so a test can tell that training is under way."""
+    """Writes the global step after every training step (rank 0), so a test can tell that training is under way."""
 
     def __init__(self, path: str):
         self.path = Path(path)
 
     def on_train_batch_end(self, trainer, *args):
+        if not trainer.is_global_zero:
+            return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(str(trainer.global_step))
         tmp.replace(self.path)
@@ -36,7 +38,8 @@ class InjectNaN(L.Callback):
 
 class RankReport(L.Callback):
     """Per rank: concepts seen per step, a checksum of the trainable weights after each step, local and
-    synced validation losses, final weights. Written to out_dir/rank{r}.json and rank{r}.pt."""
+    synced validation losses, final weights. Written to out_dir/rank{r}.json and rank{r}.pt when training
+    ends or stops."""
 
     def __init__(self, out_dir: str):
         self.out = Path(out_dir)
@@ -57,6 +60,13 @@ class RankReport(L.Callback):
             self.report["val_synced"].append(float(trainer.callback_metrics["val/loss"]))
 
     def on_train_end(self, trainer, pl_module):
+        self._write(trainer, pl_module)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.report["exception"] = type(exception).__name__
+        self._write(trainer, pl_module)
+
+    def _write(self, trainer, pl_module):
         self.report["nonfinite"] = pl_module.nonfinite.total
         self.report["pid"] = os.getpid()
         self.out.mkdir(parents=True, exist_ok=True)
