@@ -1,6 +1,11 @@
-"""`ib fit|validate --config conf/...` (LightningCLI). Bad input ends in one line on stderr and exit 2."""
+"""`ib fit|validate --config conf/...` (LightningCLI) and `ib generate|export|toy-base ...`.
+
+Exit codes: 0 done; 2 bad input (one line on stderr naming the field or file, nothing written); 1 stopped
+by the NaN guard; 143 (128 + SIGTERM) preempted, with last.ckpt written: rerun the same command to resume.
+"""
 import importlib
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -10,9 +15,11 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import yaml  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from ib.config_checks import check_config  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
-from ib.errors import ConfigError  # noqa: E402
+from ib.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from ib.lit_module import InstantBoothModule  # noqa: E402
 
 
@@ -20,10 +27,31 @@ class InstantBoothCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.identifier", "data.identifier")
 
+    def before_instantiate_classes(self):
+        check_config(self.config[self.subcommand] if self.subcommand else self.config)
+
 
 def _one_line(e: BaseException) -> str:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+def _parser_error(e: ArgumentError) -> str:
+    """jsonargparse's nested multi-line report -> 'model.optim.lr_heads: Expected a float. Got value: fast'."""
+    text = str(e)
+    keys = re.findall(r'Parser key "([^"]+)":', text)
+    if not keys:
+        return _one_line(e)
+    field = keys[0]
+    for key in keys[1:]:  # inner keys are relative to the outer one
+        field = key if key.startswith(field + ".") else f"{field}.{key}"
+    unknown = re.search(r"Option '([^']+)' is not accepted", text)
+    if unknown:
+        return f"{field}.{unknown.group(1)}: unknown key"
+    after = text.split(f'Parser key "{keys[-1]}":', 1)[1].splitlines()
+    reason = next((l.strip(" -") for l in after if l.strip(" -")), "invalid value")
+    reason = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", reason)
+    return f"{field}: {reason}"
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -55,9 +83,19 @@ def main(argv: list[str] | None = None) -> int:
         check_config_files(args)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
-    except (ConfigError, ArgumentError) as e:
+    except ArgumentError as e:
+        print(f"ib: error: {_parser_error(e)}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
         print(f"ib: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"ib: error: {e}", file=sys.stderr)
+        return 1
+    except SIGTERMException:
+        print("ib: stopped by a preemption signal; last.ckpt is written, run the same command to resume",
+              file=sys.stderr)
+        return 143
     return 0
 
 

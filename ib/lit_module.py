@@ -10,6 +10,7 @@ from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig, sample
+from ib.nonfinite import NonFiniteGuard
 from ib.weights import load_trainable
 
 
@@ -32,11 +33,13 @@ class InstantBoothModule(L.LightningModule):
     beta_train: adapter strength in training (1.0 in the paper).
     cond_dropout: probability of training a sample as the guidance's unconditional branch.
     sampling: the sampler settings used for validation images.
+    max_nonfinite_steps: this many optimizer steps in a row skipped for a non-finite loss stop training.
     """
 
     def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
                  uncond_adapters: bool = True, optim: OptimConfig | None = None, beta_train: float = 1.0,
-                 cond_dropout: float = 0.1, sampling: SamplingConfig | None = None, val_seed: int = 0):
+                 cond_dropout: float = 0.1, sampling: SamplingConfig | None = None, val_seed: int = 0,
+                 max_nonfinite_steps: int = 10):
         super().__init__()
         ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
         self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
@@ -44,13 +47,17 @@ class InstantBoothModule(L.LightningModule):
             raise ConfigError("model.identifier: must not be empty")
         if not 0.0 <= cond_dropout < 1.0:
             raise ConfigError(f"model.cond_dropout: must be in [0, 1), got {cond_dropout}")
+        if max_nonfinite_steps < 1:
+            raise ConfigError(f"model.max_nonfinite_steps: must be >= 1, got {max_nonfinite_steps}")
         # Plain dicts only: checkpoints load with weights_only=True and rebuild the frozen parts from these.
         self.save_hyperparameters({
             "ldm": asdict(ldm), "image_encoder": asdict(image_encoder), "identifier": identifier,
             "uncond_adapters": uncond_adapters, "optim": asdict(self.optim), "beta_train": beta_train,
             "cond_dropout": cond_dropout, "sampling": asdict(self.sampling), "val_seed": val_seed,
+            "max_nonfinite_steps": max_nonfinite_steps,
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters)
 
@@ -67,6 +74,7 @@ class InstantBoothModule(L.LightningModule):
             torch.manual_seed(self.val_seed + batch_idx)
             loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"], beta=self.beta_train)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+        return loss
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 4) -> dict[str, torch.Tensor]:
@@ -91,9 +99,18 @@ class InstantBoothModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer):
+        # Gradients are final here (after DDP's all-reduce, before clipping): skip the step if non-finite.
+        self.nonfinite.check(optimizer, self.global_step + 1)
+        self.log("train/nonfinite_steps", float(self.nonfinite.total))
+
     # --- checkpoints: trainable weights only; frozen parts are rebuilt from the config ---------------------
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
+        checkpoint["nonfinite_steps"] = self.nonfinite.total
+
+    def on_load_checkpoint(self, checkpoint):
+        self.nonfinite.total = checkpoint.get("nonfinite_steps", 0)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state = {k.removeprefix("model."): v for k, v in state_dict.items()}

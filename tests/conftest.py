@@ -63,3 +63,30 @@ def run_config(tmp_path: Path, shards: Path, **trainer_overrides) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = (), checkpoint: dict | None = None,
+                out: Path | None = None) -> Path:
+    """A copy of config `path` (written to `out`, default: in place) with dotted `fields` set
+    ("model.optim.lr_heads": 5), extra trainer `callbacks` ({"class_path": ..., "init_args": ...}) and
+    RunCheckpoint `checkpoint` init_args updated."""
+    cfg = yaml.safe_load(path.read_text())
+    for key, value in (fields or {}).items():
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"] + list(callbacks)
+    for cb in cfg["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("RunCheckpoint"):
+            cb["init_args"].update(checkpoint or {})
+    out = out or path
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def subprocess_env() -> dict:
+    """Environment for `python -m ib.cli` subprocesses: this checkout's code, offline."""
+    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")

@@ -8,6 +8,11 @@ from torchvision.utils import save_image
 class ImageLogger(L.Callback):
     def __init__(self, max_images: int = 4, save_png: bool = True):
         self.max_images, self.save_png = max_images, save_png
+        self.png_dir: Path | None = None
+
+    def setup(self, trainer, pl_module, stage):
+        # trainer.log_dir is a broadcast under DDP: ask on every rank here, not on rank 0 alone (that hangs).
+        self.png_dir = Path(trainer.log_dir) / "images" if self.save_png and trainer.log_dir else None
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
@@ -18,7 +23,7 @@ class ImageLogger(L.Callback):
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
                     logger.experiment.add_image(f"val/{name}", grid, step)
-            if self.save_png and trainer.log_dir:
-                out = Path(trainer.log_dir) / "images" / f"{name}_step{step:07d}.png"
+            if self.png_dir:
+                out = self.png_dir / f"{name}_step{step:07d}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 save_image(grid, out)

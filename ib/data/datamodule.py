@@ -49,6 +49,21 @@ class SampleTransform:
                 "concept": str(s["meta"].get("concept", s["__key__"]))}
 
 
+def _rank_share(samples):
+    """Validation samples round-robin over DDP ranks. Not whole shards (split_by_node): with fewer shards
+    than ranks a rank would get no batch and leave the others waiting in DDP's collectives. A rank whose
+    share is empty takes the first sample, so every rank runs at least one batch."""
+    rank, world = wds.utils.pytorch_worker_info()[:2]
+    first, given = None, False
+    for i, sample in enumerate(samples):
+        first = sample if i == 0 else first
+        if i % world == rank:
+            given = True
+            yield sample
+    if not given and first is not None:
+        yield first
+
+
 def _skip_bad(exn: Exception) -> bool:
     """webdataset handler: log the bad sample and continue; anything else is a real bug."""
     log.warning("skipping sample: %s", exn)
@@ -103,8 +118,9 @@ class InstantBoothDataModule(L.LightningDataModule):
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        ds = (wds.WebDataset(self.val_urls, shardshuffle=False, nodesplitter=wds.split_by_node,
+        ds = (wds.WebDataset(self.val_urls, shardshuffle=False, nodesplitter=None,
                              workersplitter=wds.split_by_worker, empty_check=False, handler=_skip_bad)
+              .compose(_rank_share)
               .map(decode_sample, handler=_skip_bad)
               .map(self._transform(train=False), handler=_skip_bad)
               .batched(self.val_batch_size, partial=True))

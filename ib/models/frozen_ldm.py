@@ -35,6 +35,11 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+def missing_pretrained_folder(name: str | None) -> bool:
+    """A local folder that is not there (a hub id like "org/model" cannot be checked offline)."""
+    return bool(name) and _looks_like_path(name) and not Path(name).expanduser().is_dir()
+
+
 class FrozenLDM(nn.Module):
     """Holds the frozen parts; none of them is ever trained."""
 
@@ -79,7 +84,7 @@ class FrozenLDM(nn.Module):
     @classmethod
     def _load(cls, name: str) -> "FrozenLDM":
         path = Path(name).expanduser()
-        if _looks_like_path(name) and not path.is_dir():
+        if missing_pretrained_folder(name):
             raise ConfigError(f"model.ldm.pretrained: folder not found: {name}")
         src = str(path) if path.is_dir() else name
         try:

@@ -25,9 +25,14 @@ class ImageEncoderConfig:
     init_seed: int = 0  # random weights are a function of this seed (reproducible across processes)
 
 
+def missing_checkpoint_file(pretrained: str | None) -> bool:
+    """A file path (not an open_clip tag like 'openai') that is not there."""
+    return bool(pretrained) and bool(Path(pretrained).suffix or "/" in pretrained) and not Path(pretrained).is_file()
+
+
 def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_encoder"):
     """open_clip model from a tag or a local file, with a one-line error naming the field."""
-    if cfg.pretrained and (Path(cfg.pretrained).suffix or "/" in cfg.pretrained) and not Path(cfg.pretrained).is_file():
+    if missing_checkpoint_file(cfg.pretrained):
         raise ConfigError(f"{field_name}.pretrained: file not found: {cfg.pretrained}")
     # open_clip warns on every random init; for the embedded default that is expected, not news.
     root, level = logging.getLogger(), logging.getLogger().level

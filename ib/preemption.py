@@ -1,0 +1,62 @@
+"""Cluster preemption: stop signals, agreed on by every rank at a step boundary, and the SLURM requeue.
+
+Why not Lightning's own handlers: its SIGTERM flag is per process and each rank raises on its own flag at
+the end of a step, so under DDP a rank that saw the signal a moment later starts the next step and waits
+forever for the others (Lightning-AI/pytorch-lightning#20806); its SLURM handler (SIGUSR1) checkpoints
+*inside* the signal handler, mid-step and with collectives, and writes hpc_ckpt_N.ckpt, which
+`--ckpt_path last` does not read. Here a handler only sets a flag; RunCheckpoint asks after every training
+step whether any rank has one (one tiny all-reduce under DDP), and then every rank stops at the same step.
+"""
+import logging
+import os
+import signal
+import subprocess
+
+log = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """SIGTERM plus the cluster's early warning (e.g. SLURM `--signal=USR1@120`), which also asks for a requeue."""
+
+    def __init__(self, requeue_signal: str | None):
+        self.requeue_signum = getattr(signal, requeue_signal) if requeue_signal else None
+        self.received: set[int] = set()
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for signum in {signal.SIGTERM, self.requeue_signum} - {None}:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received.add(signum)  # nothing else: the step in progress finishes first
+
+    @property
+    def requeue_requested(self) -> bool:
+        return self.requeue_signum in self.received
+
+    def stop_everywhere(self, trainer) -> bool:
+        """True on every rank once any rank got a signal (must be called by all ranks at the same point)."""
+        return trainer.strategy.reduce_boolean_decision(bool(self.received), all=False)
+
+
+def requeue_slurm_job() -> None:
+    """`scontrol requeue` this SLURM job (no-op outside SLURM): it restarts with the same command line."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = result.stderr.strip() if result.returncode else None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        error = str(e)
+    if error:
+        log.warning("requeue of SLURM job %s failed: %s", job, error)
+    else:
+        log.info("requeued SLURM job %s", job)

@@ -1,0 +1,61 @@
+"""Checkpoint files: a save that dies midway leaves the previous file intact; loading never runs pickled code."""
+import os
+import pickle
+import stat
+
+import pytest
+import torch
+
+import ib.checkpoint_io
+from ib.checkpoint_io import SafeCheckpointIO
+
+
+def _checkpoint(step: int) -> dict:
+    torch.manual_seed(step)
+    return {"global_step": step, "state_dict": {"w": torch.randn(256, 256)}, "loops": {"fit": [1, 2]}}
+
+
+def test_save_failing_midway_keeps_previous_last_ckpt(tmp_path, monkeypatch):
+    io, last = SafeCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint(_checkpoint(1), last)
+    good = last.read_bytes()
+    assert stat.S_IMODE(last.stat().st_mode) == 0o666 & ~_umask()
+
+    real_save = torch.save
+
+    def dies_midway(obj, f):  # writes half the bytes, then the disk fills up (or the job is killed)
+        real_save(obj, f)
+        f.seek(len(good) // 2)
+        f.truncate()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ib.checkpoint_io.torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space"):
+        io.save_checkpoint(_checkpoint(2), last)
+    monkeypatch.undo()
+
+    assert last.read_bytes() == good
+    assert io.load_checkpoint(last)["global_step"] == 1
+    assert os.listdir(last.parent) == ["last.ckpt"]  # the temp file is gone too
+
+    io.save_checkpoint(_checkpoint(2), last)  # and a save that completes replaces it
+    assert io.load_checkpoint(last)["global_step"] == 2
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_load_refuses_pickled_code_even_when_asked(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload()}, path)
+    for weights_only in (None, False):
+        with pytest.raises(pickle.UnpicklingError):
+            SafeCheckpointIO().load_checkpoint(path, weights_only=weights_only)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
