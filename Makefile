@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-fast data tensorboard clean
+.PHONY: venv train test test-fast bench data tensorboard clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+# Speed benchmark (random weights): tiny scale on CPU, SD 1.5 scale on a GPU; JSON into bench/results/.
+#   make bench                                  # CPU, tiny
+#   make bench ARGS="--scale sd15 --sweep"      # GPU, SD 1.5 shapes, each speed switch measured
+bench: $(STAMP)
+	$(BIN)/python bench/bench_speed.py $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --bind_all
