@@ -198,11 +198,11 @@ class Bench:
         return apply_speed(copy.deepcopy(self.base), cfg, device=self.dev)
 
     # --- training ---
-    def train_batch(self, bs, model):
+    def train_batch(self, bs, model, cfg: SpeedConfig):
         g = torch.Generator().manual_seed(0)
         images = torch.rand(bs, 3, self.image_size, self.image_size, generator=g).to(self.dev)
         refs = torch.rand(bs, self.a.train_refs, 3, *self.ref_size, generator=g).to(self.dev)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast(cfg):
             latents = model.ldm.encode_images(images)
         return images, refs, [PROMPT] * bs, latents
 
@@ -212,7 +212,7 @@ class Bench:
         groups = model.param_groups()
         opt = torch.optim.AdamW([{"params": groups["heads"]}, {"params": groups["adapters"]}], lr=1e-6,
                                 fused=cfg.fused_optimizer or None)
-        images, refs, captions, latents = self.train_batch(a.batch, model)
+        images, refs, captions, latents = self.train_batch(a.batch, model, cfg)
         latents = latents if precomputed_latents else None
 
         def step():
@@ -240,7 +240,7 @@ class Bench:
             from torch.utils.flop_counter import FlopCounterMode
             model = self.variant(SpeedConfig())
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-            images, refs, captions, latents = self.train_batch(self.a.batch, model)
+            images, refs, captions, latents = self.train_batch(self.a.batch, model, SpeedConfig())
             with FlopCounterMode(display=False) as fc:
                 with self.autocast(SpeedConfig()):
                     loss = model.training_loss(images, refs, captions, latents=latents if key else None)
@@ -274,7 +274,7 @@ class Bench:
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=5e-6, fused=(self.dev.type == "cuda") or None)
-        images, _, captions, _ = self.train_batch(bs, model)
+        images, _, captions, _ = self.train_batch(bs, model, SpeedConfig())
         sched = model.ldm.noise_scheduler
 
         def step():
