@@ -88,6 +88,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip", nargs="*", default=[], choices=sorted(SWITCHES) + ["recommended"],
                     help="sweep entries to leave out (e.g. compile_blocks: Inductor compiles take minutes on 2 CPU cores)")
     ap.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (sd15: 540)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier timings on a shared CPU)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     # speed switches for the main measurement (ib/models/speed.py)
     ap.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
@@ -339,12 +340,15 @@ def run(a) -> dict:
     if a.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 paths on Ampere+ as anyone would run them
         torch.backends.cudnn.allow_tf32 = True
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = main_speed(a)
     stamp = datetime.datetime.now(datetime.timezone.utc)
     res = {"date": stamp.isoformat(timespec="seconds"), "commit": git_commit(), "torch": torch.__version__,
            "device": a.device, "device_name": device_name(a.device), "scale": a.scale,
            "machine": f"{platform.node()} ({platform.platform()}), {os.cpu_count()} logical cores",
+           "torch_threads": torch.get_num_threads() if not a.threads else a.threads,
            "args": vars(a), "speed": dataclasses.asdict(cfg),
            "timing": "median of timed runs" if a.device.startswith("cuda") else
                      "minimum of timed runs (shared CPU: other processes only add time)"}

@@ -157,3 +157,16 @@ def test_bench_runs_at_tiny_scale_and_writes_json(tmp_path):
     assert res["dreambooth"]["extrapolated"] is True and res["speedup_vs_dreambooth"] > 0
     assert res["speed"]["cache_visual_kv"] is True
     assert "AttnProcessor2_0" in res["attention_backends"]["unet_and_adapters"]
+
+
+def test_lit_module_refuses_bf16_frozen_parts_without_mixed_precision():
+    import lightning as L
+    m = default_config()["model"]
+    module = InstantBoothModule(ldm=m["ldm"], image_encoder=m["image_encoder"], speed={"frozen_dtype": "bfloat16"})
+    module.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="bf16-mixed"):
+        module.setup("fit")
+    module.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    module.setup("fit")
+    assert module.model.ldm.unet.conv_in.weight.dtype == torch.bfloat16
+    assert module.model.adapters[0].proj.weight.dtype == torch.float32
