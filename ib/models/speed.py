@@ -28,6 +28,9 @@ from diffusers.models.resnet import ResnetBlock2D
 from ib.errors import ConfigError
 
 COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)  # the UNet's repeated regions
+# One compiled block class meets many weight shapes (SD 1.5: ~15 resnet in/out pairs) in training and in
+# sampling; parameters' shapes are guarded, and torch's default limit of 8 would silently fall back to eager.
+RECOMPILE_LIMIT = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +81,7 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # active whenever grad is enabled, even in eval mode
     if cfg.compile_blocks:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for m in unet.modules():
             if isinstance(m, COMPILED_BLOCKS):
                 m.compile(backend=cfg.compile_backend)
