@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-fast data tensorboard experiment clean
+.PHONY: venv train test test-fast bench data tensorboard experiment clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,12 @@ experiment: $(STAMP)
 	$(BIN)/ib toy-base --config conf/toy_base.yaml --ckpt_path last
 	$(BIN)/ib fit --config conf/toy_instantbooth.yaml --ckpt_path last
 	$(BIN)/python -m ib.toy.experiment --weights runs/toy_instantbooth/checkpoints/last.ckpt --data data/toyworld/val --out runs/experiment
+
+# Speed benchmark (random weights): tiny scale on CPU, SD 1.5 scale on a GPU; JSON into bench/results/.
+#   make bench                                  # CPU, tiny
+#   make bench ARGS="--scale sd15 --sweep"      # GPU, SD 1.5 shapes, each speed switch measured
+bench: $(STAMP)
+	$(BIN)/python bench/bench_speed.py $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --bind_all

@@ -11,6 +11,7 @@ from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig, sample
 from ib.nonfinite import NonFiniteGuard
+from ib.models.speed import SpeedConfig, apply_speed
 from ib.weights import load_trainable
 
 
@@ -34,15 +35,17 @@ class InstantBoothModule(L.LightningModule):
     cond_dropout: probability of training a sample as the guidance's unconditional branch.
     sampling: the sampler settings used for validation images.
     max_nonfinite_steps: this many optimizer steps in a row skipped for a non-finite loss stop training.
+    speed: training/sampling speed switches (ib/models/speed.py); all off by default.
     """
 
     def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
                  uncond_adapters: bool = True, optim: OptimConfig | None = None, beta_train: float = 1.0,
                  cond_dropout: float = 0.1, sampling: SamplingConfig | None = None, val_seed: int = 0,
-                 max_nonfinite_steps: int = 10):
+                 max_nonfinite_steps: int = 10, speed: SpeedConfig | None = None):
         super().__init__()
         ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
         self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
+        self.speed = _as(SpeedConfig, speed)
         if not identifier.strip():
             raise ConfigError("model.identifier: must not be empty")
         if not 0.0 <= cond_dropout < 1.0:
@@ -55,16 +58,25 @@ class InstantBoothModule(L.LightningModule):
             "uncond_adapters": uncond_adapters, "optim": asdict(self.optim), "beta_train": beta_train,
             "cond_dropout": cond_dropout, "sampling": asdict(self.sampling), "val_seed": val_seed,
             "max_nonfinite_steps": max_nonfinite_steps,
+            "speed": asdict(self.speed),
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters)
 
+    def setup(self, stage: str):
+        # Before Lightning moves the model: `.to(device)` keeps the dtypes and memory format set here.
+        if self.speed.frozen_dtype != "float32" and "mixed" not in str(self.trainer.precision):
+            raise ConfigError(f"model.speed.frozen_dtype: {self.speed.frozen_dtype} needs trainer.precision "
+                              f"bf16-mixed (autocast), got {self.trainer.precision}")
+        apply_speed(self.model, self.speed, device=self.trainer.strategy.root_device)
+
     # --- steps ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"],
-                                        beta=self.beta_train, cond_dropout=self.cond_dropout)
+                                        beta=self.beta_train, cond_dropout=self.cond_dropout,
+                                        latents=batch.get("latents"))  # precomputed into the shards, if there
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         return loss
 
@@ -94,7 +106,7 @@ class InstantBoothModule(L.LightningModule):
         optimizer = torch.optim.AdamW([
             {"params": groups["heads"], "lr": o.lr_heads, "name": "heads"},
             {"params": groups["adapters"], "lr": o.lr_adapters, "name": "adapters"},
-        ], weight_decay=o.weight_decay)
+        ], weight_decay=o.weight_decay, fused=self.speed.fused_optimizer or None)
         warmup = max(1, o.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,15 +10,18 @@ Without the "gligen" entry the UNet is exactly the frozen model.
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import Attention, BasicTransformerBlock
 from torch import nn
 
 
 @dataclass
 class AdapterContext:
-    """What every adapter of one UNet call sees: visual tokens f_p (B, T, D) and the balance β."""
+    """What every adapter of one UNet call sees: visual tokens f_p (B, T, D) and the balance β.
+    visual_kv: optional per-adapter (keys, values) of the visual tokens, precomputed once per sampling run."""
     tokens: torch.Tensor
     beta: float | torch.Tensor
+    visual_kv: tuple | None = None
 
 
 def _is_zero(beta) -> bool:
@@ -29,8 +32,8 @@ def _is_zero(beta) -> bool:
 class AdapterContextRouter(nn.Module):
     """Stands in the UNet's `position_net` slot: packs the "gligen" kwargs for the blocks."""
 
-    def forward(self, tokens: torch.Tensor, beta: float) -> AdapterContext:
-        return AdapterContext(tokens, beta)
+    def forward(self, tokens: torch.Tensor, beta: float, visual_kv: tuple | None = None) -> AdapterContext:
+        return AdapterContext(tokens, beta, visual_kv)
 
 
 class GatedSelfAttentionAdapter(nn.Module):
@@ -44,10 +47,30 @@ class GatedSelfAttentionAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         if _is_zero(ctx.beta):
             return hidden
-        x = self.norm(torch.cat([hidden, self.proj(ctx.tokens.to(hidden.dtype))], dim=1))
-        # Only the rows of y are kept, so only they need queries: same result as slicing afterwards.
-        out = self.attn(x[:, : hidden.shape[1]], encoder_hidden_states=x)
-        return hidden + ctx.beta * torch.tanh(self.gate) * out
+        # Computed in the adapter's own (fp32 master) dtype, even when the frozen UNet runs in bf16.
+        y = hidden.to(self.proj.weight.dtype)
+        if ctx.visual_kv is not None:
+            out = self._attend_cached(self.norm(y), *ctx.visual_kv[self.index])
+        else:
+            x = self.norm(torch.cat([y, self.proj(ctx.tokens.to(y.dtype))], dim=1))
+            # Only the rows of y are kept, so only they need queries: same result as slicing afterwards.
+            out = self.attn(x[:, : hidden.shape[1]], encoder_hidden_states=x)
+        return hidden + (ctx.beta * torch.tanh(self.gate) * out).to(hidden.dtype)
+
+    def visual_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of LN(proj(f_p)): LayerNorm is per token, so they do not depend on y."""
+        v = self.norm(self.proj(tokens.to(self.proj.weight.dtype)))
+        return self.attn.to_k(v), self.attn.to_v(v)
+
+    def _attend_cached(self, y: torch.Tensor, k_visual: torch.Tensor, v_visual: torch.Tensor) -> torch.Tensor:
+        """What `self.attn` (AttnProcessor2_0) computes for queries y over [y; f_p], with f_p's keys/values given."""
+        a, b = self.attn, y.shape[0]
+        q = a.to_q(y)
+        k = torch.cat([a.to_k(y), k_visual.to(q.dtype)], dim=1)
+        v = torch.cat([a.to_v(y), v_visual.to(q.dtype)], dim=1)
+        q, k, v = (t.view(b, -1, a.heads, t.shape[-1] // a.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return a.to_out[1](a.to_out[0](out))
 
 
 def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
@@ -57,6 +80,7 @@ def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
         if isinstance(block, BasicTransformerBlock):
             heads = block.attn1.heads
             block.fuser = GatedSelfAttentionAdapter(block.dim, context_dim, heads, block.attn1.inner_dim // heads)
+            block.fuser.index = len(adapters)  # its entry in AdapterContext.visual_kv
             adapters.append(block.fuser)
     if not adapters:
         raise ValueError("the UNet has no transformer blocks to hold adapters")
@@ -64,8 +88,8 @@ def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
     return nn.ModuleList(adapters)
 
 
-def adapter_kwargs(tokens: torch.Tensor | None, beta: float) -> dict | None:
+def adapter_kwargs(tokens: torch.Tensor | None, beta: float, visual_kv: tuple | None = None) -> dict | None:
     """cross_attention_kwargs for a UNet call: None (plain frozen UNet) when adapters are off."""
     if tokens is None or _is_zero(beta):
         return None
-    return {"gligen": {"tokens": tokens, "beta": beta}}
+    return {"gligen": {"tokens": tokens, "beta": beta, "visual_kv": visual_kv}}

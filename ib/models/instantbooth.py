@@ -67,16 +67,17 @@ class InstantBooth(nn.Module):
         return torch.where(where.to(device)[..., None], injected, text)
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                      visual: torch.Tensor | None, beta) -> torch.Tensor:
+                      visual: torch.Tensor | None, beta, visual_kv: tuple | None = None) -> torch.Tensor:
         return self.ldm.unet(noisy, t, encoder_hidden_states=text,
-                             cross_attention_kwargs=adapter_kwargs(visual, beta)).sample
+                             cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv)).sample
 
     # --- training objective ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, refs: torch.Tensor, captions: list[str],
-                      beta: float = 1.0, cond_dropout: float = 0.0) -> torch.Tensor:
-        """Denoising loss on the full, unmasked target; refs are the augmented, masked object crops."""
+                      beta: float = 1.0, cond_dropout: float = 0.0, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoising loss on the full, unmasked target; refs are the augmented, masked object crops.
+        latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped)."""
         sched = self.ldm.noise_scheduler
-        latents = self.ldm.encode_images(images)
+        latents = self.ldm.encode_images(images) if latents is None else latents
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ib.models.instantbooth import InstantBooth
+from ib.models.speed import frozen_autocast, mark_sampling_step, visual_kv_cache
 
 
 @dataclass
@@ -30,6 +31,12 @@ def initial_noise(shape: tuple, seeds: list[int], device, dtype) -> torch.Tensor
 def sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], cfg: SamplingConfig,
            seeds: list[int]) -> torch.Tensor:
     """refs (B, N, 3, H, W) in [0, 1] or None (plain frozen model) -> images (B, 3, H, W) in [0, 1]."""
+    with frozen_autocast(model):  # frozen parts held in bf16 (ib.models.speed); a no-op in fp32
+        return _sample(model, refs, prompts, cfg, seeds).float()
+
+
+def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], cfg: SamplingConfig,
+            seeds: list[int]) -> torch.Tensor:
     unet, device = model.ldm.unet, model.concept_head.proj.weight.device
     dtype = unet.dtype
     concept = visual = None
@@ -56,10 +63,12 @@ def sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], c
     sched.set_timesteps(cfg.steps, device=device)
     latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype)
     latents = latents * sched.init_noise_sigma
+    visual_kv = visual_kv_cache(model, visual)  # None unless speed.cache_visual_kv
     for t in sched.timesteps:
+        mark_sampling_step(model)
         x = torch.cat([latents, latents]) if guided else latents
         x = sched.scale_model_input(x, t)
-        eps = model.predict_noise(x, t, text.to(dtype), None if visual is None else visual.to(dtype), beta)
+        eps = model.predict_noise(x, t, text.to(dtype), None if visual is None else visual.to(dtype), beta, visual_kv)
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)

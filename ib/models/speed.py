@@ -1,0 +1,127 @@
+"""Speed switches for training and sampling, in one place. Every switch is off by default, so the
+default model computes exactly what it did before; `bench/bench_speed.py --sweep` measures each one.
+
+    frozen_dtype            frozen parts (UNet, VAE, text encoder, CLIP) held in this dtype; the trained
+                            heads and adapters stay fp32 master weights. Anything but float32 needs autocast
+                            to that dtype around the step (Lightning `precision: bf16-mixed` does it in
+                            training; the sampler turns it on itself).
+    sdpa                    diffusers attention through `AttnProcessor2_0` (torch SDPA: flash / memory-
+                            efficient kernels). False selects the classic processor, only to measure it.
+    channels_last           UNet and VAE weights in channels-last memory format (faster convs on GPUs).
+    compile_blocks          regional `torch.compile`: each repeated block (BasicTransformerBlock with its
+                            adapter, ResnetBlock2D) compiled on its own. Short compile times, and it avoids
+                            the Inductor failure the whole-UNet compile of the training step hit.
+    cuda_graphs_sampling    whole UNet compiled with mode="reduce-overhead" (CUDA graphs): for inference
+                            processes only (no backward through it). CUDA only; refused on CPU.
+    fused_optimizer         AdamW(fused=True) for the trainable parameters.
+    gradient_checkpointing  diffusers' activation checkpointing in the UNet blocks (memory for compute).
+    cache_visual_kv         the adapters' keys/values of the visual tokens computed once per sampling run
+                            (they depend on neither timestep nor latents), reused at every step.
+"""
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+
+from ib.errors import ConfigError
+
+COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)  # the UNet's repeated regions
+# One compiled block class meets many weight shapes (SD 1.5: ~15 resnet in/out pairs) in training and in
+# sampling; parameters' shapes are guarded, and torch's default limit of 8 would silently fall back to eager.
+RECOMPILE_LIMIT = 64
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SpeedConfig:
+    frozen_dtype: str = "float32"
+    sdpa: bool = True
+    channels_last: bool = False
+    compile_blocks: bool = False
+    compile_backend: str = "inductor"  # "aot_eager": traces the same regions without code generation (tests)
+    cuda_graphs_sampling: bool = False
+    fused_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    cache_visual_kv: bool = False
+
+
+def _as_config(cfg) -> SpeedConfig:
+    return cfg if isinstance(cfg, SpeedConfig) else SpeedConfig(**(cfg or {}))
+
+
+def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None):
+    """Apply `cfg` to an InstantBooth in place; returns the model. device: where it will run (default: where
+    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format."""
+    cfg = _as_config(cfg)
+    if cfg.frozen_dtype not in DTYPES:
+        raise ConfigError(f"model.speed.frozen_dtype: unknown '{cfg.frozen_dtype}' (one of {sorted(DTYPES)})")
+    device = torch.device(device) if device is not None else model.concept_head.proj.weight.device
+    if cfg.cuda_graphs_sampling and device.type != "cuda":
+        raise ConfigError("model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device; "
+                          f"the model is on {device.type}")
+    if cfg.cuda_graphs_sampling and cfg.compile_blocks:
+        raise ConfigError("model.speed: choose one of compile_blocks (training) and cuda_graphs_sampling (inference)")
+    ldm, unet = model.ldm, model.ldm.unet
+
+    dtype = DTYPES[cfg.frozen_dtype]
+    if dtype != torch.float32:
+        ldm.to(dtype)
+        model.image_encoder.to(dtype)
+        model.adapters.float()  # they live inside the UNet; keep them fp32 master weights
+
+    processor = AttnProcessor2_0 if cfg.sdpa else AttnProcessor
+    unet.set_attn_processor(processor())  # includes the adapters' attention (they are UNet submodules)
+    ldm.vae.set_attn_processor(processor())
+
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        ldm.vae.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # active whenever grad is enabled, even in eval mode
+    if cfg.compile_blocks:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        for m in unet.modules():
+            if isinstance(m, COMPILED_BLOCKS):
+                m.compile(backend=cfg.compile_backend)
+    if cfg.cuda_graphs_sampling:
+        unet.compile(mode="reduce-overhead")
+    model.speed_config = cfg
+    return model
+
+
+def speed_of(model) -> SpeedConfig:
+    return getattr(model, "speed_config", None) or SpeedConfig()
+
+
+def frozen_autocast(model):
+    """Autocast to the frozen parts' dtype when they are not fp32 (a no-op context otherwise)."""
+    dtype = DTYPES[speed_of(model).frozen_dtype]
+    device = model.concept_head.proj.weight.device
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def visual_kv_cache(model, visual: torch.Tensor | None):
+    """Per-adapter (keys, values) of the visual tokens for one sampling run, or None when the switch is
+    off. Computed eagerly, outside any compiled/graphed region, so CUDA graphs never own these tensors."""
+    if visual is None or not speed_of(model).cache_visual_kv:
+        return None
+    return tuple(a.visual_kv(visual) for a in model.adapters)
+
+
+def mark_sampling_step(model) -> None:
+    """CUDA graphs reuse their output memory: tell them a new denoising step starts."""
+    if speed_of(model).cuda_graphs_sampling:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def attention_backends(model) -> dict:
+    """Which attention implementation each part uses (the bench records it)."""
+    def procs(m):
+        return sorted({type(p).__name__ for p in m.attn_processors.values()})
+    te = model.ldm.text_encoder.config
+    return {"unet_and_adapters": procs(model.ldm.unet), "vae": procs(model.ldm.vae),
+            "text_encoder": getattr(te, "_attn_implementation", None),
+            "image_encoder": "nn.MultiheadAttention(need_weights=False) -> SDPA fast path",
+            "adapters_cached_kv": "F.scaled_dot_product_attention"}

@@ -1,0 +1,172 @@
+"""Speed switches (ib/models/speed.py) compute what the baseline computes, and keep training the right
+parameters. Tolerances: exact-maths switches 1e-5 relative; bf16 frozen parts 2% on the loss, 0.05 on
+images in [0, 1]; the visual-KV cache 1e-5 (the same products, grouped differently)."""
+import json
+import math
+
+import pytest
+import torch
+
+from ib.errors import ConfigError
+from ib.lit_module import InstantBoothModule
+from ib.models.sampler import SamplingConfig, sample
+from ib.models.speed import SpeedConfig, apply_speed, frozen_autocast
+from tests.conftest import ROOT, build_tiny_model, default_config
+
+CAPTIONS = ["a photo of a sks ball on the grass", "a sks box in the snow"]
+
+
+def _model(cfg: SpeedConfig | None = None):
+    model = build_tiny_model()
+    with torch.no_grad():
+        for a in model.adapters:
+            a.gate.fill_(0.3)  # open gates: every adapter weight gets gradient and changes the output
+    return apply_speed(model, cfg or SpeedConfig())
+
+
+def _loss_and_grads(model, latents: bool = False):
+    torch.manual_seed(1)
+    images, refs = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 3, 64, 64)
+    torch.manual_seed(2)
+    kw = {"latents": model.ldm.encode_images(images)} if latents else {}
+    with frozen_autocast(model):
+        loss = model.training_loss(images, refs, CAPTIONS, **kw)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return _loss_and_grads(_model())
+
+
+def _check(model, baseline, rel):
+    loss, grads = _loss_and_grads(model)
+    base_loss, base_grads = baseline
+    assert math.isclose(loss.item(), base_loss.item(), rel_tol=rel), (loss.item(), base_loss.item())
+    assert grads.keys() == base_grads.keys()
+    for n, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, f"no gradient reached {n}"
+        assert g.dtype == torch.float32, n  # fp32 master weights
+        cos = torch.nn.functional.cosine_similarity(g.flatten().double(), base_grads[n].flatten().double(), dim=0)
+        assert cos > (0.999999 if rel < 1e-4 else 0.98), (n, cos.item())
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("ldm.", "image_encoder."))
+                   and ".fuser." not in n)
+
+
+@pytest.mark.parametrize("cfg", [SpeedConfig(channels_last=True), SpeedConfig(gradient_checkpointing=True),
+                                 SpeedConfig(sdpa=False)],
+                         ids=["channels_last", "gradient_checkpointing", "classic_attention"])
+def test_exact_switches_keep_loss_and_gradients(cfg, baseline):
+    _check(_model(cfg), baseline, rel=1e-5)
+
+
+def test_bf16_frozen_parts_keep_loss_and_fp32_trainables(baseline):
+    model = _model(SpeedConfig(frozen_dtype="bfloat16"))
+    assert model.ldm.unet.conv_in.weight.dtype == torch.bfloat16
+    assert model.image_encoder.visual.conv1.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.param_groups()["adapters"] + model.param_groups()["heads"])
+    _check(model, baseline, rel=0.02)
+
+
+@pytest.mark.slow
+def test_regional_compile_keeps_loss_and_gradients(baseline):
+    """Dynamo captures every transformer block (with its adapter) and resnet block, forward and backward.
+    The aot_eager backend traces the same regions as Inductor without C++ code generation, which takes
+    ~2 minutes on 2 CPU cores; the Inductor path is measured by the bench (`--sweep`)."""
+    from ib.models.speed import COMPILED_BLOCKS
+    model = _model(SpeedConfig(compile_blocks=True, compile_backend="aot_eager"))
+    blocks = [m for m in model.ldm.unet.modules() if isinstance(m, COMPILED_BLOCKS)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    _check(model, baseline, rel=1e-5)
+
+
+def test_precomputed_latents_skip_the_vae_and_give_the_same_loss(monkeypatch):
+    model = _model()
+    torch.manual_seed(1)
+    images, refs = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 3, 64, 64)
+    torch.manual_seed(2)
+    base = model.training_loss(images, refs, CAPTIONS)
+    torch.manual_seed(2)
+    latents = model.ldm.encode_images(images)  # the same posterior draw as inside training_loss
+    monkeypatch.setattr(model.ldm.vae, "encode", lambda *a, **k: pytest.fail("VAE encode although latents were given"))
+    torch.testing.assert_close(model.training_loss(images, refs, CAPTIONS, latents=latents), base)
+
+
+@torch.no_grad()
+def test_visual_kv_cache_gives_the_same_images():
+    refs, prompts, cfg = torch.rand(2, 5, 3, 64, 64), ["a sks ball", "a sks box"], SamplingConfig(steps=3)
+    plain = _model()
+    cached = _model(SpeedConfig(cache_visual_kv=True))
+    seen = {}
+    for name, m in (("plain", plain), ("cached", cached)):
+        k = m.adapters[0].attn.to_k
+        hook = k.register_forward_hook(lambda mod, i, o, name=name: seen.setdefault(name, set()).add(i[0].shape[1]))
+        seen[name] = set()
+        out = sample(m, refs, prompts, cfg, seeds=[0, 1])
+        hook.remove()
+        if name == "plain":
+            want = out
+    tokens, latent_rows = 5 * 17, 16 * 16  # 5 references x (CLS + 4x4 patches); the first block's 16x16 latents
+    assert seen["plain"] == {latent_rows + tokens}  # every step projects latents + visual tokens
+    assert seen["cached"] == {tokens, latent_rows}  # visual tokens once, then latent rows only
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, sample(cached, refs.flip(1), prompts, cfg, seeds=[0, 1]))  # the cache is per run
+
+
+@torch.no_grad()
+def test_bf16_sampling_close_to_fp32():
+    refs, prompts, cfg = torch.rand(1, 2, 3, 64, 64), ["a sks ball"], SamplingConfig(steps=3)
+    want = sample(_model(), refs, prompts, cfg, seeds=[0])
+    got = sample(_model(SpeedConfig(frozen_dtype="bfloat16", cache_visual_kv=True)), refs, prompts, cfg, seeds=[0])
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05
+
+
+def test_cuda_only_and_bad_switches_are_refused():
+    with pytest.raises(ConfigError, match="cuda_graphs_sampling"):
+        apply_speed(build_tiny_model(), SpeedConfig(cuda_graphs_sampling=True), device="cpu")
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        apply_speed(build_tiny_model(), SpeedConfig(frozen_dtype="int8"))
+
+
+def test_lit_module_keeps_speed_in_hparams_and_fuses_adamw():
+    m = default_config()["model"]
+    module = InstantBoothModule(ldm=m["ldm"], image_encoder=m["image_encoder"],
+                                speed={"fused_optimizer": True, "cache_visual_kv": True})
+    assert module.hparams["speed"] == dict(vars(SpeedConfig(fused_optimizer=True, cache_visual_kv=True)))
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is True
+    assert m["speed"] == {k: v for k, v in vars(SpeedConfig()).items() if k in m["speed"]}  # default.yaml: all off
+
+
+@pytest.mark.slow
+def test_bench_runs_at_tiny_scale_and_writes_json(tmp_path):
+    from bench.bench_speed import main
+    main(["--scale", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1", "--warmup", "1", "--sample-steps", "2",
+          "--sample-iters", "1", "--dreambooth-steps", "3", "--cache-visual-kv", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("bench-tiny-cpu-*.json")
+    res = json.loads(path.read_text())
+    for key in ("device", "train_samples_per_s", "train_mfu", "sample_s_per_image_bs1", "sample_s_per_image_bs4",
+                "adapter_overhead", "speedup_vs_dreambooth", "date", "commit", "torch"):
+        assert key in res, key
+    assert res["device"] == "cpu" and res["train_mfu"] is None  # MFU only on a GPU
+    assert res["train_samples_per_s"] > 0 and res["train"]["step_GFLOP"] > 0
+    assert res["sample_s_per_image_bs1"] > 0 and res["sample_s_per_image_bs4"] > 0
+    assert res["dreambooth"]["extrapolated"] is True and res["speedup_vs_dreambooth"] > 0
+    assert res["speed"]["cache_visual_kv"] is True
+    assert "AttnProcessor2_0" in res["attention_backends"]["unet_and_adapters"]
+
+
+def test_lit_module_refuses_bf16_frozen_parts_without_mixed_precision():
+    import lightning as L
+    m = default_config()["model"]
+    module = InstantBoothModule(ldm=m["ldm"], image_encoder=m["image_encoder"], speed={"frozen_dtype": "bfloat16"})
+    module.trainer = L.Trainer(accelerator="cpu", precision="32-true", logger=False, enable_checkpointing=False)
+    with pytest.raises(ConfigError, match="bf16-mixed"):
+        module.setup("fit")
+    module.trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False)
+    module.setup("fit")
+    assert module.model.ldm.unet.conv_in.weight.dtype == torch.bfloat16
+    assert module.model.adapters[0].proj.weight.dtype == torch.float32
