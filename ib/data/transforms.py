@@ -1,0 +1,59 @@
+"""Albumentations pipelines: the target image, and the reference (masked object crop) for the encoders.
+
+The reference is the same image's object, cropped by its mask, background filled, then heavily augmented
+(DESIGN.md §1) so the model cannot just copy pixels into the target.
+"""
+from dataclasses import dataclass
+
+import albumentations as A
+import cv2
+import numpy as np
+
+
+@dataclass
+class ReferenceAugment:
+    """Reference augmentation strengths (training only; validation uses a plain crop + resize)."""
+    bbox_jitter: float = 0.1      # crop box grows or shifts by up to this fraction of its size
+    scale: tuple[float, float] = (0.7, 1.0)
+    rotate: float = 20.0          # degrees, either way
+    hflip: float = 0.5
+    color_jitter: float = 0.2     # brightness / contrast / saturation strength; hue gets a quarter
+    fill: int = 255               # background value of the masked-out crop
+
+
+def target_transform(size: int, train: bool) -> A.Compose:
+    """Resize + crop (+ flip in training), applied to image and mask together."""
+    crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
+    steps = [A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_AREA), crop]
+    if train:
+        steps.append(A.HorizontalFlip(p=0.5))
+    return A.Compose(steps)
+
+
+def reference_transform(size: int, aug: ReferenceAugment, train: bool) -> A.Compose:
+    """Square-pad and resize the object crop to the encoder's size; in training, augment it heavily."""
+    steps = [A.LongestMaxSize(max_size=size, interpolation=cv2.INTER_AREA),
+             A.PadIfNeeded(size, size, border_mode=cv2.BORDER_CONSTANT, fill=aug.fill)]
+    if train:
+        cj = aug.color_jitter
+        steps += [
+            A.Affine(scale=aug.scale, rotate=(-aug.rotate, aug.rotate), border_mode=cv2.BORDER_CONSTANT,
+                     fill=aug.fill, p=1.0),
+            A.HorizontalFlip(p=aug.hflip),
+            A.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=cj / 4, p=0.8),
+        ]
+    return A.Compose(steps)
+
+
+def mask_crop(image: np.ndarray, mask: np.ndarray, fill: int, jitter: float, rng: np.random.Generator | None):
+    """Crop image to the mask's bounding box (jittered when rng is given), background set to `fill`."""
+    ys, xs = np.nonzero(mask)
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    if rng is not None and jitter > 0:
+        w, h = x1 - x0, y1 - y0
+        dx0, dx1 = rng.uniform(-jitter, jitter, 2) * w
+        dy0, dy1 = rng.uniform(-jitter, jitter, 2) * h
+        x0, x1 = int(max(0, x0 - abs(dx0))), int(min(mask.shape[1], x1 + abs(dx1)))
+        y0, y1 = int(max(0, y0 - abs(dy0))), int(min(mask.shape[0], y1 + abs(dy1)))
+    obj = np.where(mask[..., None], image, np.uint8(fill))
+    return obj[y0:y1, x0:x1]
