@@ -15,6 +15,7 @@ from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 
 CONFIG_KEY = "ib_config"  # safetensors metadata entry holding the JSON config
+DEFAULT_SEED = 0  # conf/default.yaml's seed_everything
 
 
 def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -43,9 +44,14 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def build_from_hparams(hparams: dict) -> InstantBooth:
-    return InstantBooth.from_config(LDMConfig(**hparams["ldm"]), ImageEncoderConfig(**hparams["image_encoder"]),
-                                    identifier=hparams.get("identifier", "sks"),
-                                    uncond_adapters=hparams.get("uncond_adapters", True))
+    # Random frozen parts (the embedded default has no pretrained weights) are not in the file: they are
+    # rebuilt from the seed the run built them with (`seed_everything`, 0 in conf/default.yaml, seeds just
+    # before the module is built). Without this every load would evaluate a different frozen model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hparams.get("seed", DEFAULT_SEED))
+        return InstantBooth.from_config(LDMConfig(**hparams["ldm"]), ImageEncoderConfig(**hparams["image_encoder"]),
+                                        identifier=hparams.get("identifier", "sks"),
+                                        uncond_adapters=hparams.get("uncond_adapters", True))
 
 
 def load_trainable(model: InstantBooth, state: dict[str, torch.Tensor], source: str) -> None:
