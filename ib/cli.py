@@ -1,4 +1,5 @@
-"""`ib fit|validate --config conf/...` (LightningCLI). Bad input ends in one line on stderr and exit 2."""
+"""`ib fit|validate --config conf/...` (LightningCLI) and `ib evaluate ...` (ib.evaluate).
+Bad input ends in one line on stderr and exit 2."""
 import os
 import sys
 import warnings
@@ -25,6 +26,15 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+def _config_error(e: BaseException | None) -> ConfigError | None:
+    """A ConfigError anywhere in the chain: jsonargparse wraps those raised while it builds callbacks."""
+    while e is not None:
+        if isinstance(e, ConfigError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every --config file must exist and be valid YAML; say which one is not."""
     for i, arg in enumerate(argv):
@@ -42,12 +52,19 @@ def check_config_files(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["evaluate"]:  # a plain argparse command, not a LightningCLI subcommand
+        from ib.evaluate import main as evaluate_main
+        return evaluate_main(args[1:])
     try:
-        check_config_files(sys.argv[1:] if argv is None else argv)
+        check_config_files(args)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
-    except (ConfigError, ArgumentError) as e:
-        print(f"ib: error: {_one_line(e)}", file=sys.stderr)
+    except Exception as e:
+        cause = _config_error(e)
+        if cause is None and not isinstance(e, ArgumentError):
+            raise
+        print(f"ib: error: {_one_line(cause or e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,7 +18,9 @@ class ImageLogger(L.Callback):
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
                     logger.experiment.add_image(f"val/{name}", grid, step)
-            if self.save_png and trainer.log_dir:
-                out = Path(trainer.log_dir) / "images" / f"{name}_step{step:07d}.png"
+            # Not trainer.log_dir: under DDP it broadcasts, and only rank 0 gets here (a deadlock).
+            log_dir = getattr(trainer.logger, "log_dir", None) or trainer.default_root_dir
+            if self.save_png and log_dir:
+                out = Path(log_dir) / "images" / f"{name}_step{step:07d}.png"
                 out.parent.mkdir(parents=True, exist_ok=True)
                 save_image(grid, out)
