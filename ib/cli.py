@@ -1,4 +1,4 @@
-"""`ib fit|validate --config conf/...` (LightningCLI) and `ib generate|export|toy-base ...`.
+"""`ib fit|validate --config conf/...` (LightningCLI) and `ib generate|export|evaluate|toy-base ...`.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the field or file, nothing written); 1 stopped
 by the NaN guard; 143 (128 + SIGTERM) preempted, with last.ckpt written: rerun the same command to resume.
@@ -52,6 +52,13 @@ def _parser_error(e: ArgumentError) -> str:
     reason = next((l.strip(" -") for l in after if l.strip(" -")), "invalid value")
     reason = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", reason)
     return f"{field}: {reason}"
+def _config_error(e: BaseException | None) -> ConfigError | None:
+    """A ConfigError anywhere in the chain: jsonargparse wraps those raised while it builds callbacks."""
+    while e is not None:
+        if isinstance(e, ConfigError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_config_files(argv: list[str]) -> None:
@@ -69,7 +76,8 @@ def check_config_files(argv: list[str]) -> None:
 
 
 # Commands beside LightningCLI's fit/validate: name -> module with main(argv).
-COMMANDS = {"generate": "ib.generate", "export": "ib.export", "toy-base": "ib.toy.cli"}
+COMMANDS = {"generate": "ib.generate", "export": "ib.export", "evaluate": "ib.evaluate",
+            "toy-base": "ib.toy.cli"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         check_config_files(args)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
-    except ArgumentError as e:
-        print(f"ib: error: {_parser_error(e)}", file=sys.stderr)
-        return 2
     except ConfigError as e:
         print(f"ib: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:
+        cause = _config_error(e)
+        print(f"ib: error: {_one_line(cause) if cause else _parser_error(e)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"ib: error: {e}", file=sys.stderr)
@@ -96,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         print("ib: stopped by a preemption signal; last.ckpt is written, run the same command to resume",
               file=sys.stderr)
         return 143
+    except Exception as e:  # jsonargparse wraps a ConfigError raised while it builds callbacks
+        cause = _config_error(e)
+        if cause is None:
+            raise
+        print(f"ib: error: {_one_line(cause)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -43,6 +43,8 @@ def read_weights(path: str | Path, field_name: str = "--weights") -> tuple[dict,
 
 
 def build_from_hparams(hparams: dict) -> InstantBooth:
+    # Random frozen parts (the embedded default) are not in the file; they are a function of the configs'
+    # init_seed, so the same ones are rebuilt here.
     return InstantBooth.from_config(LDMConfig(**hparams["ldm"]), ImageEncoderConfig(**hparams["image_encoder"]),
                                     identifier=hparams.get("identifier", "sks"),
                                     uncond_adapters=hparams.get("uncond_adapters", True))

@@ -1,0 +1,165 @@
+"""Identity and prompt fidelity on held-out concepts at every validation: CLIP-I, CLIP-T and DINO.
+
+The first `concepts` concepts of the validation shards × `prompts` × `images_per_prompt` are generated
+with fixed seeds through ib.models.sampler.sample (the path of `ib generate` and `ib evaluate`), from the
+concept's masked object crops (the references validation uses), and scored against the concept's full
+images. Every rank generates its share of the items; the metrics sum their states over ranks.
+"""
+from dataclasses import dataclass, replace
+from itertools import groupby
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from torchvision.utils import make_grid
+
+from ib.data.shards import BadSample, decode_sample, resolve_shards
+from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
+from ib.errors import ConfigError
+from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig
+from ib.metrics.identity import identity_metrics
+from ib.models.sampler import SamplingConfig, sample
+
+FIELD = "IdentityEval"
+
+
+@dataclass
+class HeldOutConcept:
+    name: str
+    class_noun: str
+    refs: torch.Tensor   # (N, 3, R, R) in [0, 1]: the masked object crops the model is given
+    reals: torch.Tensor  # (N, 3, H, W) uint8: the full images the metrics compare with
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1)
+
+
+class IdentityEval(L.Callback):
+    """
+    prompts: templates with {identifier} and {class}, e.g. "a photo of a {identifier} {class} on the beach".
+    concepts: how many held-out concepts (the first ones in the shards); references: photos per concept,
+        used both as the model's references and as the real images the metrics compare with.
+    images_per_prompt: images per concept × prompt; item k (in concept, prompt, image order) uses seed + k.
+    sampling: overrides of the module's sampling settings (e.g. {steps: 4}); null: the module's.
+    shards: the held-out shards; null: the DataModule's validation shards.
+    clip / dino: the metric backbones (see ib.metrics.backbones).
+    grid_images: generated images in the TensorBoard grid (from rank 0's share).
+    """
+
+    def __init__(self, prompts: list[str], concepts: int = 2, references: int = 3, images_per_prompt: int = 1,
+                 seed: int = 0, sampling: dict | None = None, shards: str | None = None,
+                 clip: ClipBackboneConfig | None = None, dino: DinoBackboneConfig | None = None,
+                 grid_images: int = 8):
+        for name, value in (("concepts", concepts), ("references", references),
+                            ("images_per_prompt", images_per_prompt)):
+            if value < 1:
+                raise ConfigError(f"{FIELD}.{name}: must be >= 1, got {value}")
+        if not prompts:
+            raise ConfigError(f"{FIELD}.prompts: empty")
+        for p in prompts:
+            if "{identifier}" not in p:
+                raise ConfigError(f"{FIELD}.prompts: '{p}' has no {{identifier}}, so no concept would be injected")
+            try:
+                p.format(identifier="", **{"class": ""})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"{FIELD}.prompts: '{p}': only {{identifier}} and {{class}} are filled in") from e
+        self.prompts, self.num_concepts, self.references = list(prompts), concepts, references
+        self.images_per_prompt, self.seed, self.grid_images = images_per_prompt, seed, grid_images
+        self.sampling_overrides = dict(sampling or {})
+        unknown = set(self.sampling_overrides) - set(SamplingConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{FIELD}.sampling: unknown key {sorted(unknown)[0]}")
+        self.shards = shards
+        self.clip_cfg = clip or ClipBackboneConfig()
+        self.dino_cfg = dino or DinoBackboneConfig()
+        # Backbone files are checked at config time, before a run folder exists.
+        clip_file = self.clip_cfg.pretrained
+        if clip_file and (Path(clip_file).suffix or "/" in clip_file) and not Path(clip_file).is_file():
+            raise ConfigError(f"{FIELD}.clip.pretrained: file not found: {clip_file}")
+        if self.dino_cfg.weights and not Path(self.dino_cfg.weights).is_file():
+            raise ConfigError(f"{FIELD}.dino.weights: file not found: {self.dino_cfg.weights}")
+        self.metrics = None
+        self.concepts: list[HeldOutConcept] | None = None
+
+    # --- built once: the backbones when the run starts, the concepts at the first validation -----------
+    def setup(self, trainer, pl_module, stage):
+        if self.metrics is None and stage in ("fit", "validate"):
+            self.metrics = identity_metrics(self.clip_cfg, self.dino_cfg, pl_module.model.identifier, FIELD)
+
+    def _load_concepts(self, trainer, pl_module) -> list[HeldOutConcept]:
+        dm = trainer.datamodule
+        if self.shards:
+            urls = resolve_shards(self.shards, f"{FIELD}.shards")
+        elif getattr(dm, "val_urls", None):
+            urls = dm.val_urls
+        else:
+            raise ConfigError(f"{FIELD}.shards: not set and the DataModule has no validation shards")
+        fill = getattr(dm, "augment", ReferenceAugment()).fill
+        to_ref = reference_transform(pl_module.model.image_encoder.image_size[0], ReferenceAugment(fill=fill), train=False)
+
+        groups: dict[str, list[dict]] = {}
+        # Every rank reads the same concepts (no node splitting); shards are read in order and only as far
+        # as needed.
+        for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                  empty_check=False, handler=wds.warn_and_continue):
+            try:
+                s = decode_sample(raw)
+            except BadSample:
+                continue  # the DataModule already warns about these
+            groups.setdefault(str(s["meta"].get("concept", s["__key__"])), []).append(s)
+            first = list(groups.values())[:self.num_concepts]
+            if len(first) == self.num_concepts and all(len(g) >= self.references for g in first):
+                break
+        if len(groups) < self.num_concepts:
+            raise ConfigError(f"{FIELD}.concepts: {self.num_concepts} asked, the shards hold {len(groups)}")
+
+        concepts = []
+        for name, samples in list(groups.items())[:self.num_concepts]:
+            samples = samples[:self.references]
+            refs = [to_ref(image=mask_crop(s["image"], s["mask"], fill, 0.0, None))["image"] for s in samples]
+            concepts.append(HeldOutConcept(name, samples[0]["meta"]["class"],
+                                           torch.stack([_chw(r) for r in refs]).float() / 255,
+                                           torch.stack([_chw(s["image"]) for s in samples])))
+        return concepts
+
+    # --- every validation -----------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        model, device = pl_module.model, pl_module.device
+        self.metrics = {k: m.to(device) for k, m in self.metrics.items()}
+        if self.concepts is None:
+            self.concepts = self._load_concepts(trainer, pl_module)
+        cfg = replace(pl_module.sampling, **self.sampling_overrides)
+        items = [(c, template.format(identifier=model.identifier, **{"class": concept.class_noun}))
+                 for c, concept in enumerate(self.concepts) for template in self.prompts
+                 for _ in range(self.images_per_prompt)]
+        mine = list(enumerate(items))[trainer.global_rank::trainer.world_size]
+        grid = []
+        for c, group in groupby(mine, key=lambda kv: kv[1][0]):
+            group = list(group)
+            concept = self.concepts[c]
+            prompts = [prompt for _, (_, prompt) in group]
+            refs = concept.refs.to(device)[None].expand(len(group), *concept.refs.shape)
+            images = sample(model, refs, prompts, cfg, seeds=[self.seed + k for k, _ in group])
+            reals = concept.reals.to(device)
+            self.metrics["clip_i"].update(images, reals)
+            self.metrics["dino"].update(images, reals)
+            self.metrics["clip_t"].update(images, prompts)
+            real = F.interpolate(reals[:1].float() / 255, size=images.shape[-2:], mode="bilinear", antialias=True)
+            grid += [torch.cat([real, im[None]]) for im in images]
+
+        for name, metric in self.metrics.items():
+            value = metric.compute()  # sums the states over ranks
+            metric.reset()
+            # Already equal on every rank; sync_dist only keeps Lightning's epoch-level bookkeeping uniform.
+            pl_module.log(f"val/{name}", value.to(device), sync_dist=True)
+        if trainer.is_global_zero and grid:
+            image = make_grid(torch.cat(grid[:self.grid_images]).cpu(), nrow=2, padding=2)
+            for logger in trainer.loggers:
+                if hasattr(logger.experiment, "add_image"):
+                    logger.experiment.add_image("val/identity_real_generated", image, trainer.global_step)
