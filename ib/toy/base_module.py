@@ -77,7 +77,10 @@ class ToyBaseModule(L.LightningModule):
             if self.latent_scale > 0:
                 self.log("val/unet_loss", self._unet_loss(batch["image"], batch["caption"]), batch_size=len(batch["image"]))
 
-    def on_train_end(self):
-        if self.trainer.is_global_zero and self.latent_scale > 0:
-            self.ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
-            self.ldm.save_pretrained(self.output_dir)
+    def save_base(self) -> None:
+        """The trained model in diffusers layout (called after fit, also when a resumed run had nothing left)."""
+        if self.latent_scale == 0:
+            raise RuntimeError("the UNet phase never started: raise trainer.max_steps above model.vae_steps")
+        self.ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        self.ldm.save_pretrained(self.output_dir)
+        print(f"toy base model saved to {self.output_dir}")

@@ -6,6 +6,8 @@ from ib.toy.base_module import ToyBaseModule
 
 
 def main(argv: list[str]) -> int:
-    LightningCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv], save_config_kwargs={"overwrite": True},
-                 parser_kwargs={"exit_on_error": False})
+    cli = LightningCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv],
+                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    if cli.trainer.is_global_zero:
+        cli.model.save_base()
     return 0
