@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-fast bench data tensorboard experiment clean
+.PHONY: venv train test test-fast bench bench-data data tensorboard experiment clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ experiment: $(STAMP)
 #   make bench ARGS="--scale sd15 --sweep"      # GPU, SD 1.5 shapes, each speed switch measured
 bench: $(STAMP)
 	$(BIN)/python bench/bench_speed.py $(ARGS)
+
+# Loader throughput per CPU core at 512 px on the DreamBench photos (GrabCut masks); JSON in bench/results/.
+bench-data: $(STAMP)
+	$(BIN)/python bench/bench_data.py
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --bind_all

@@ -62,6 +62,7 @@ class InstantBoothModule(L.LightningModule):
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.skipped_samples = 0  # since this process started
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters)
 
@@ -78,6 +79,10 @@ class InstantBoothModule(L.LightningModule):
                                         beta=self.beta_train, cond_dropout=self.cond_dropout,
                                         latents=batch.get("latents"))  # precomputed into the shards, if there
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        if "skipped" in batch:  # bad samples the loader skipped (counted in its workers), summed over ranks
+            self.skipped_samples += int(batch["skipped"])
+            self.log("data/skipped_samples", float(self.skipped_samples), reduce_fx="sum", sync_dist=True,
+                     batch_size=len(batch["caption"]))
         return loss
 
     def validation_step(self, batch, batch_idx):

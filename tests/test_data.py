@@ -40,13 +40,17 @@ def test_datamodule_batches(synthetic_shards):
     assert len(batches) == 4
     b = batches[0]
     assert b["image"].shape == (3, 3, 48, 48) and b["refs"].shape == (3, 1, 3, 32, 32)
+    assert b["mask"].shape == (3, 1, 48, 48) and b["mask"].dtype == torch.bool and b["mask"].any()
+    assert b["image"].dtype == torch.uint8 and b["skipped"].item() == 0  # float on the device, after the transfer
+    b = dm.on_after_batch_transfer(b, 0)
     assert b["image"].dtype == torch.float32 and 0 <= b["image"].min() and b["image"].max() <= 1
+    assert b["refs"].dtype == torch.float32 and b["refs"].max() <= 1
     assert all(" sks " in f" {c} " and len(c.split()) > 2 for c in b["caption"])
     for c in b["caption"]:
         words = c.split()
         assert words[words.index("sks") + 1] in {"ball", "box", "kite", "star", "ring", "tent"}
     val = list(dm.val_dataloader())
-    assert len(val) == 2 and val[0]["image"].shape[1:] == (3, 48, 48)
+    assert len(val) == 2 and val[0]["image"].shape[1:] == (3, 48, 48)  # val_batches caps the 12 samples
     # Validation is deterministic; training references are augmented afresh each time.
     again = list(dm.val_dataloader())
     assert torch.equal(val[0]["refs"], again[0]["refs"])

@@ -1,30 +1,33 @@
 """Streams WebDataset shards of masked text-image pairs into InstantBooth training batches.
 
-Batch: image (B, 3, S, S) in [0, 1] (the full target), refs (B, 1, 3, R, R) in [0, 1] (the augmented,
-masked object crop), caption (B strings, identifier inserted before the class noun), concept (B strings).
+Batch (on the device): image (B, 3, S, S) in [0, 1] (the full target), mask (B, 1, S, S) bool (the
+object in the target, cropped and flipped with it), refs (B, 1, 3, R, R) in [0, 1] (the augmented, masked
+object crop), caption (B strings, identifier inserted before the class noun), concept and key (B strings),
+skipped (bad samples skipped since the previous batch of the same worker; ib/data/streams.py).
+The DataLoaders yield image and refs as uint8 0..255; `on_after_batch_transfer` (or `batch_to_float`
+outside a Trainer) makes them float in [0, 1] on the device.
 """
-import logging
 from dataclasses import dataclass
 
+import cv2
 import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
 
-from ib.data.shards import BadSample, decode_sample, resolve_shards
+from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
+from ib.data.streams import train_stream, val_batches_per_rank, val_stream
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
 from ib.errors import ConfigError
 from ib.models.identifier import insert_identifier
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class LoaderConfig:
     num_workers: int = 0
     prefetch_factor: int = 2
     pin_memory: bool = False
-    shuffle_buffer: int = 500
+    shuffle_buffer: int = 500      # raw samples per worker (about 100 kB each at 512 px)
+    seed: int = 0                  # shard and sample order; mixed with rank, worker and the resumed epoch
 
 
 class SampleTransform:
@@ -37,93 +40,107 @@ class SampleTransform:
         self.reference = reference_transform(reference_size, augment, train)
 
     def __call__(self, s: dict) -> dict:
-        caption = insert_identifier(s["caption"], s["meta"]["class"], self.identifier)
+        noun = s["meta"].get("noun") or s["meta"]["class"]  # the word in the caption (a synonym or plural)
+        caption = insert_identifier(s["caption"], noun, self.identifier)
         if caption is None:
-            raise BadSample(f"{s['__key__']}: class noun '{s['meta']['class']}' not in caption")
+            raise BadSample(f"{s['__key__']}: class noun '{noun}' not in caption")
         rng = np.random.default_rng() if self.train else None
         obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
         ref = self.reference(image=obj)["image"]
-        tgt = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))["image"]
-        to_tensor = lambda a: torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).float() / 255
-        return {"image": to_tensor(tgt), "refs": to_tensor(ref)[None], "caption": caption,
-                "concept": str(s["meta"].get("concept", s["__key__"]))}
+        tgt = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))
+        to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy
+        return {"image": to_tensor(tgt["image"]), "mask": torch.from_numpy(tgt["mask"] > 0)[None],
+                "refs": to_tensor(ref)[None], "caption": caption,
+                "concept": str(s["meta"].get("concept", s["__key__"])), "key": s["__key__"]}
 
 
-def _rank_share(samples):
-    """Validation samples round-robin over DDP ranks. Not whole shards (split_by_node): with fewer shards
-    than ranks a rank would get no batch and leave the others waiting in DDP's collectives. A rank whose
-    share is empty takes the first sample, so every rank runs at least one batch."""
-    rank, world = wds.utils.pytorch_worker_info()[:2]
-    first, given = None, False
-    for i, sample in enumerate(samples):
-        first = sample if i == 0 else first
-        if i % world == rank:
-            given = True
-            yield sample
-    if not given and first is not None:
-        yield first
-
-
-def _skip_bad(exn: Exception) -> bool:
-    """webdataset handler: log the bad sample and continue; anything else is a real bug."""
-    log.warning("skipping sample: %s", exn)
-    return True
+def batch_to_float(batch: dict) -> dict:
+    """uint8 image and refs -> float in [0, 1]. The loader ships uint8 (4x less to stack, to pass between
+    processes and to copy to the device) and Lightning calls this on the device, after the transfer."""
+    for name in ("image", "refs"):
+        if batch[name].dtype == torch.uint8:
+            batch[name] = batch[name].float().div_(255)
+    return batch
 
 
 class InstantBoothDataModule(L.LightningDataModule):
     """
-    train_shards / val_shards: a folder of .tar shards, a glob, or a brace pattern.
-    batches_per_epoch: training streams resampled shards forever; an "epoch" is this many batches per rank
-        (keeps DDP ranks in step). Validation reads its shards once, in order, up to val_batches batches.
+    train_shards / val_shards: a folder of .tar shards, a glob, a brace pattern or one .tar file.
+    batches_per_epoch: an "epoch" is this many batches per rank (rounded up to a multiple of
+        loader.num_workers), whatever the shards hold: keeps DDP ranks in step.
+    resampled: training draws shards with replacement on every rank and worker (true), or splits the shards
+        by rank and worker and reads each share pass after pass (false). See ib/data/streams.py.
+    val_batches: validation batches per rank; null = each rank's share of the whole validation set.
     """
 
     def __init__(self, train_shards: str, val_shards: str | None = None, image_size: int = 64,
                  reference_size: int = 64, batch_size: int = 4, val_batch_size: int | None = None,
                  batches_per_epoch: int = 100, val_batches: int | None = None, identifier: str = "sks",
-                 augment: ReferenceAugment | None = None,
+                 resampled: bool = True, augment: ReferenceAugment | None = None,
                  loader: LoaderConfig | None = None):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
                             ("image_size", image_size), ("reference_size", reference_size)):
             if value < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {value}")
+        if val_batches is not None and val_batches < 1:
+            raise ConfigError(f"data.val_batches: must be >= 1 or null, got {val_batches}")
         self.train_urls = resolve_shards(train_shards, "data.train_shards")
         self.val_urls = resolve_shards(val_shards, "data.val_shards") if val_shards else None
         self.image_size, self.reference_size = image_size, reference_size
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.batches_per_epoch, self.val_batches = batches_per_epoch, val_batches
-        self.identifier = identifier
-        self.augment = augment or ReferenceAugment()
-        self.loader = loader or LoaderConfig()
+        self.identifier, self.resampled = identifier, resampled
+        # Dataclasses from the CLI, plain dicts from Python callers.
+        self.augment = augment if isinstance(augment, ReferenceAugment) else ReferenceAugment(**(augment or {}))
+        self.loader = loader if isinstance(loader, LoaderConfig) else LoaderConfig(**(loader or {}))
+        for name, low in (("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 0)):
+            if getattr(self.loader, name) < low:
+                raise ConfigError(f"data.loader.{name}: must be >= {low}, got {getattr(self.loader, name)}")
+        self._val_samples: int | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        rank, world, _, _ = wds.utils.pytorch_worker_info()  # env RANK/WORLD_SIZE or torch.distributed
+        return rank, world
 
     def _transform(self, train: bool) -> SampleTransform:
         return SampleTransform(self.image_size, self.reference_size, self.identifier, self.augment, train)
 
     def _loader(self, dataset, workers: int) -> torch.utils.data.DataLoader:
-        extra = {"prefetch_factor": self.loader.prefetch_factor, "persistent_workers": True} if workers else {}
+        extra = {}
+        if workers:
+            extra = {"prefetch_factor": self.loader.prefetch_factor, "persistent_workers": True}
+            # OpenCV's thread pool does not survive fork: a forked worker that touches it can deadlock
+            # (seen in cv2.setNumThreads). Serial OpenCV before forking; the workers are the parallelism.
+            cv2.setNumThreads(0)
         return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                            pin_memory=self.loader.pin_memory, **extra)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        return batch_to_float(batch)
+
     def train_dataloader(self):
         workers = self.loader.num_workers
-        ds = (wds.WebDataset(self.train_urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-                             handler=_skip_bad)
-              .shuffle(self.loader.shuffle_buffer)
-              .map(decode_sample, handler=_skip_bad)
-              .map(self._transform(train=True), handler=_skip_bad)
-              .batched(self.batch_size, partial=False)
-              .with_epoch(-(-self.batches_per_epoch // max(1, workers))))  # per worker
+        rank, world = self._rank_world()
+        # A resumed run starts a new stream rather than replaying the one its first epochs saw.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        ds = train_stream(self.train_urls, decode_sample, self._transform(train=True),
+                          batch_size=self.batch_size, batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),
+                          resampled=self.resampled, rank=rank, world=world, workers=workers,
+                          seed=wds.utils.make_seed(self.loader.seed, epoch), shuffle_buffer=self.loader.shuffle_buffer)
         return self._loader(ds, workers)
 
     def val_dataloader(self):
         if not self.val_urls:
             return []
-        ds = (wds.WebDataset(self.val_urls, shardshuffle=False, nodesplitter=None,
-                             workersplitter=wds.split_by_worker, empty_check=False, handler=_skip_bad)
-              .compose(_rank_share)
-              .map(decode_sample, handler=_skip_bad)
-              .map(self._transform(train=False), handler=_skip_bad)
-              .batched(self.val_batch_size, partial=True))
-        if self.val_batches:
-            ds = ds.slice(self.val_batches)
+        rank, world = self._rank_world()
+        if self._val_samples is None and (world > 1 or not self.val_batches):
+            self._val_samples = count_samples(self.val_urls)
+            if self._val_samples < world:  # a rank with nothing to validate would leave the others waiting
+                raise ConfigError(f"data.val_shards: {self._val_samples} samples cannot be shared by {world} ranks")
+        batches = self.val_batches or val_batches_per_rank(self._val_samples, world, self.val_batch_size)
+        ds = val_stream(self.val_urls, decode_sample, self._transform(train=False), batch_size=self.val_batch_size,
+                        batches=batches, rank=rank, world=world)
         return self._loader(ds, 0)
