@@ -89,7 +89,18 @@ def _seeded(seed: int):
         yield
 
 
-class ClipBackbone(nn.Module):
+class _FrozenBackbone(nn.Module):
+    """A metric backbone: always in eval mode; `device` is where its weights are."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class ClipBackbone(_FrozenBackbone):
     """open_clip image + text towers with CLIP's own preprocessing and tokenizer."""
 
     def __init__(self, cfg: ClipBackboneConfig | None = None, field_name: str = "clip"):
@@ -102,13 +113,6 @@ class ClipBackbone(nn.Module):
         size = pre["size"] if isinstance(pre["size"], int) else pre["size"][0]
         self.preprocess = Preprocess(size, size, pre["mean"], pre["std"], pre.get("interpolation", "bicubic"))
         self.tokenizer = open_clip.get_tokenizer(cfg.model_name, context_length=self.model.context_length)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode_images(self, images: Images) -> torch.Tensor:
@@ -157,7 +161,7 @@ def load_dino_weights(model: nn.Module, path: str, field_name: str) -> None:
                           f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {example})")
 
 
-class DinoBackbone(nn.Module):
+class DinoBackbone(_FrozenBackbone):
     """timm ViT; the embedding is the CLS token after the final norm (num_classes=0), as DINO evaluates."""
 
     def __init__(self, cfg: DinoBackboneConfig | None = None, field_name: str = "dino"):
@@ -178,13 +182,6 @@ class DinoBackbone(nn.Module):
         crop = cfg.crop or model.patch_embed.img_size[0]
         resize = cfg.resize or round(crop / DINO_CROP_FRACTION)
         self.preprocess = Preprocess(resize, crop, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @torch.no_grad()
     def encode_images(self, images: Images) -> torch.Tensor:
