@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
 from ib.models.identifier import contains_identifier
 from ib.models.sampler import SamplingConfig, sample
@@ -23,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="a Lightning checkpoint or an `ib export` .safetensors")
     p.add_argument("--ref", nargs="+", required=True, help="reference photos of the subject (any number)")
     p.add_argument("--mask", nargs="+", help="optional masks, one per --ref (white = subject)")
+    p.add_argument("--mask-backend", help="compute masks for --ref without --mask (e.g. grabcut; see ib.data.masks)")
     p.add_argument("--prompt", required=True, help="must contain the identifier the model was trained with")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--num-images", type=int, default=1)
@@ -60,7 +62,13 @@ def run(args) -> list[Path]:
         raise ConfigError(f"--prompt: does not contain the identifier '{model.identifier}' (e.g. 'a photo of a "
                           f"{model.identifier} dog')")
     cfg = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args)
-    refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0])
+    mask_fn = None
+    if args.mask_backend and not args.mask:
+        try:
+            mask_fn = get_mask_backend(args.mask_backend)
+        except MaskError as e:
+            raise ConfigError(f"--mask-backend: {e}") from e
+    refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
     model.to(args.device)
 
     start = time.perf_counter()
@@ -79,7 +87,8 @@ def run(args) -> list[Path]:
         tmp = paths[-1].with_suffix(".tmp.png")
         save_image(image, tmp)
         tmp.replace(paths[-1])
-    settings = {"weights": str(args.weights), "refs": args.ref, "masks": args.mask, "prompt": args.prompt,
+    settings = {"weights": str(args.weights), "refs": args.ref, "masks": args.mask,
+                "mask_backend": None if args.mask else args.mask_backend, "prompt": args.prompt,
                 "seeds": seeds, "sampling": asdict(cfg), "device": args.device, "seconds": round(seconds, 3),
                 "images": [p.name for p in paths]}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=1))

@@ -32,7 +32,12 @@ def load_references(images: list[str], masks: list[str] | None, size: int,
             if mask.shape != image.shape[:2] or not mask.any():
                 raise ConfigError(f"--mask: {masks[i]} is empty or not the size of {path}")
         elif mask_fn is not None:
-            mask = mask_fn(image)
+            try:
+                mask = np.asarray(mask_fn(image), dtype=bool)
+            except ValueError as e:  # the mask backends' MaskError
+                raise ConfigError(f"--ref: no mask for {path}: {e}") from e
+            if not mask.any():
+                raise ConfigError(f"--ref: the mask backend found no subject in {path}")
         else:
             mask = np.ones(image.shape[:2], dtype=bool)
         crop = mask_crop(image, mask, augment.fill, 0.0, None)

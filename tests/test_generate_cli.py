@@ -103,3 +103,20 @@ def test_generate_with_masks(tmp_path, weights, photos):
     assert main(["generate", "--weights", str(weights), "--ref", refs[0], "--mask", mask, "--prompt", "a sks dog",
                  "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "seed000000.png").is_file()
+
+
+def test_generate_with_a_mask_backend(tmp_path, weights):
+    image = np.full((80, 80, 3), 200, np.uint8)
+    image[20:60, 25:55] = (200, 30, 30)  # a red object on a plain background
+    Image.fromarray(image).save(tmp_path / "obj.jpg")
+    out = tmp_path / "gc"
+    assert main(["generate", "--weights", str(weights), "--ref", str(tmp_path / "obj.jpg"), "--mask-backend",
+                 "grabcut", "--prompt", "a sks dog", "--out", str(out)]) == 0
+    assert json.loads((out / "settings.json").read_text())["mask_backend"] == "grabcut"
+
+
+def test_unknown_mask_backend_is_one_line(tmp_path, weights, photos, capsys):
+    refs, _ = photos
+    msg = _error(capsys, ["generate", "--weights", str(weights), "--ref", refs[0], "--mask-backend", "nope",
+                          "--prompt", "a sks dog", "--out", str(tmp_path / "o")])
+    assert "--mask-backend" in msg and not (tmp_path / "o").exists()
