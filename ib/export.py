@@ -3,14 +3,12 @@
     ib export --ckpt runs/default/checkpoints/last.ckpt --out instantbooth.safetensors [--dtype bf16]
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ib.errors import ConfigError
-from ib.weights import CONFIG_KEY, read_weights
+from ib.weights import read_weights, write_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,11 +27,8 @@ def export(ckpt: str, out: Path, dtype: str = "fp32") -> Path:
     if out.is_dir():
         raise ConfigError(f"--out: is a folder: {out}")
     hparams, state = read_weights(ckpt, "--ckpt")
-    state = {k: v.to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(hparams)})
-    tmp.replace(out)  # atomic: a crash never leaves a half-written file under the final name
+    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    write_weights(state, hparams, out)  # atomic: never a half-written file under the final name
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {n:,} trainable parameters, {out.stat().st_size / 2**20:.1f} MiB ({dtype})")
     return out

@@ -73,12 +73,16 @@ def load_instantbooth(path: str | Path) -> tuple[InstantBooth, dict]:
     return model.eval(), hparams
 
 
-def export_weights(model: InstantBooth, hparams: dict, out: str | Path) -> Path:
-    """Trainable weights as safetensors, the rebuild config in its metadata; written atomically."""
+def write_weights(state: dict[str, torch.Tensor], hparams: dict, out: str | Path) -> Path:
+    """Trainable weights as safetensors, the rebuild config in its metadata; written atomically (temp + rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
-    save_file(state, str(tmp), metadata={CONFIG_KEY: json.dumps(hparams)})
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+              metadata={CONFIG_KEY: json.dumps(hparams)})
     tmp.replace(out)
     return out
+
+
+def export_weights(model: InstantBooth, hparams: dict, out: str | Path) -> Path:
+    return write_weights(model.trainable_state_dict(), hparams, out)
