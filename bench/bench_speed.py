@@ -53,21 +53,21 @@ CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15
 DEFAULTS = {  # per scale: what a run on its intended device can afford
     "tiny": dict(batch=4, iters=5, warmup=2, sample_iters=3, dreambooth_steps=20, budget_s=1e9),
     # budget: what is left is skipped (and said so) so a 10-minute GPU slot still writes its JSON
-    "sd15": dict(batch=32, iters=10, warmup=3, sample_iters=3, dreambooth_steps=400, budget_s=540),
+    "sd15": dict(batch=32, iters=10, warmup=3, sample_iters=3, dreambooth_steps=200, budget_s=450),
 }
 PROMPT = "a photo of a sks dog on the beach"
 DREAMBOOTH_STEPS = 400  # the diffusers DreamBooth recipe
 GATE = 0.1  # adapters opened a little, as after training (cost does not depend on it)
 SWITCHES = {  # sweep name -> SpeedConfig change (precomputed_latents is a data property, not a model switch)
-    "frozen_bf16": dict(frozen_dtype="bfloat16"),
-    "no_sdpa": dict(sdpa=False),
-    "channels_last": dict(channels_last=True),
-    "compile_blocks": dict(compile_blocks=True),
     "cuda_graphs_sampling": dict(cuda_graphs_sampling=True),
+    "frozen_bf16": dict(frozen_dtype="bfloat16"),
+    "channels_last": dict(channels_last=True),
     "fused_optimizer": dict(fused_optimizer=True),
-    "gradient_checkpointing": dict(gradient_checkpointing=True),
     "cache_visual_kv": dict(cache_visual_kv=True),
     "precomputed_latents": {},
+    "compile_blocks": dict(compile_blocks=True),
+    "gradient_checkpointing": dict(gradient_checkpointing=True),
+    "no_sdpa": dict(sdpa=False),
 }
 
 
@@ -130,8 +130,12 @@ def for_training(cfg: SpeedConfig) -> SpeedConfig:
 
 
 def for_sampling(cfg: SpeedConfig) -> SpeedConfig:
-    """CUDA graphs of the whole UNet supersede the regional compile when sampling."""
-    return dataclasses.replace(cfg, compile_blocks=False) if cfg.cuda_graphs_sampling else cfg
+    """Training-only switches off (they change nothing in a no-grad run)."""
+    return dataclasses.replace(cfg, fused_optimizer=False, gradient_checkpointing=False)
+
+
+LATE = ("compile_blocks", "gradient_checkpointing", "no_sdpa")  # swept after the main measurement: compiles
+# take minutes and the other two matter least, so a budget-limited GPU run loses them first
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -263,6 +267,20 @@ class Bench:
         return {"bs": bs, "refs": n_refs, "s_per_batch": round(s, 4), "s_per_image": round(s / bs, 4),
                 "first_run_s": round(first, 2), "peak_mem_GiB": self.peak_gib()}
 
+    def graph_check(self, model) -> dict:
+        """Graph replay against the same model called eagerly: the same images (bs 1, 1 reference)."""
+        g = torch.Generator().manual_seed(2)
+        refs = torch.rand(1, 1, 3, *self.ref_size, generator=g).to(self.dev)
+        cfg = SamplingConfig(steps=self.a.sample_steps, guidance_scale=self.a.guidance_scale)
+        graphed = sample(model, refs, [PROMPT], cfg, seeds=[3])
+        keep, model.graphed_predict_noise = model.graphed_predict_noise, None
+        try:
+            eager = sample(model, refs, [PROMPT], cfg, seeds=[3])
+        finally:
+            model.graphed_predict_noise = keep
+        return {"max_abs_diff": float((graphed - eager).abs().max()), "graphs_captured": len(keep.graphs),
+                "what": "images in [0, 1] from graph replay vs the same model called eagerly, bs 1, 1 reference"}
+
     # --- DreamBooth-style baseline ---
     def dreambooth(self, cfg: SpeedConfig) -> dict:
         """Full fine-tune of every UNet weight (fp32 master weights, AdamW, batch 2), with the VAE encode
@@ -308,6 +326,8 @@ class Bench:
 
 # --- the run ---------------------------------------------------------------------------------------------
 def git_commit() -> str:
+    if os.environ.get("IB_COMMIT"):  # a copy of the tree without .git (e.g. a rented GPU machine)
+        return os.environ["IB_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
@@ -369,6 +389,11 @@ def run(a) -> dict:
     res["attention_backends"] = attention_backends(bench.base)
     res["trainable_params_M"] = round(sum(p.numel() for p in bench.base.parameters() if p.requires_grad) / 1e6, 2)
 
+    rows = []
+    if a.sweep:  # the cheap eager variants first: the "before" of every switch
+        res["sweep"] = rows
+        sweep(a, bench, save, rows, [v for v in variants(a) if v[0] not in LATE and v[0] != "recommended"])
+
     print("main measurement, speed =", res["speed"], flush=True)
     train = safely(res, "train", bench, lambda: bench.train(cfg, a.precomputed_latents))
     save()
@@ -382,6 +407,9 @@ def run(a) -> dict:
         if smodel is not None:
             safely(sampling, f"bs{bs}_refs{n_refs}", bench, lambda: bench.sample_time(smodel, bs, n_refs))
         res["sampling"] = sampling
+        save()
+    if smodel is not None and cfg.cuda_graphs_sampling:
+        safely(res, "cuda_graph_check", bench, lambda: bench.graph_check(smodel))
         save()
     del smodel
     db = safely(res, "dreambooth", bench, lambda: bench.dreambooth(cfg))
@@ -411,21 +439,33 @@ def run(a) -> dict:
     save()
 
     if a.sweep:
-        res["sweep"] = sweep(a, bench, save, res)
+        late = [v for v in variants(a) if v[0] in LATE]
+        if a.recommended or dataclasses.asdict(cfg) == dataclasses.asdict(recommended(a.device)):
+            rows.append({"name": "recommended", "speed": res["speed"], "same_as": "main measurement",
+                         "train": train, "sample_bs1_refs5": sampling.get("bs1_refs5")})
+        else:
+            late.append(("recommended", recommended(a.device), False))
+        sweep(a, bench, save, rows, late)
+        speedups(rows)
     save()
     res["results_file"] = str(path)
     return res
 
 
-def sweep(a, bench: Bench, save, res) -> list[dict]:
-    """All-off baseline, each switch alone, then the recommended set: training step and 1-image sampling
-    with 5 references (where the adapters cost most)."""
-    rows = []
-    res["sweep"] = rows
-    variants = [("baseline", SpeedConfig(), False)]
-    variants += [(name, SpeedConfig(**change), name == "precomputed_latents") for name, change in SWITCHES.items()]
-    variants.append(("recommended", recommended(a.device), False))
-    for name, cfg, latents in variants:
+def variants(a) -> list[tuple[str, SpeedConfig, bool]]:
+    """(name, speed, precomputed latents): the all-off baseline, each switch alone, the recommended set."""
+    out = [("baseline", SpeedConfig(), False)]
+    out += [(name, SpeedConfig(**change), name == "precomputed_latents") for name, change in SWITCHES.items()]
+    rec = recommended(a.device)
+    # the recommended set without the compile: what is left if Inductor fails on a block (as it did on the
+    # whole UNet in ../shared/bench/anchor_adapters.py), and the compile's own share
+    out.append(("recommended_eager", dataclasses.replace(rec, compile_blocks=False), False))
+    return out + [("recommended", rec, False)]
+
+
+def sweep(a, bench: Bench, save, rows: list, todo) -> None:
+    """Training step and 1-image sampling with 5 references (where the adapters cost most) per variant."""
+    for name, cfg, latents in todo:
         if name in a.skip:
             rows.append({"name": name, "speed": dataclasses.asdict(cfg), "train": "skipped: --skip"})
             continue
@@ -445,12 +485,18 @@ def sweep(a, bench: Bench, save, res) -> list[dict]:
                 safely(row, "sample_bs1_refs5", bench, one)
         rows.append(row)
         save()
-    base = rows[0]
-    for row in rows[1:]:
+
+
+def speedups(rows: list[dict]) -> None:
+    base = next((r for r in rows if r["name"] == "baseline"), None)
+    if base is None:
+        return
+    for row in rows:
+        if row is base:
+            continue
         for key, metric, better in (("train", "samples_per_s", 1), ("sample_bs1_refs5", "s_per_image", -1)):
             if isinstance(row.get(key), dict) and isinstance(base.get(key), dict):
                 row[f"{key}_speedup"] = round((row[key][metric] / base[key][metric]) ** better, 3)
-    return rows
 
 
 def fmt(v, unit=""):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ib.models.instantbooth import InstantBooth
-from ib.models.speed import frozen_autocast, mark_sampling_step, visual_kv_cache
+from ib.models.speed import frozen_autocast, noise_predictor, visual_kv_cache
 
 
 @dataclass
@@ -64,11 +64,11 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
     latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype)
     latents = latents * sched.init_noise_sigma
     visual_kv = visual_kv_cache(model, visual)  # None unless speed.cache_visual_kv
+    predict_noise = noise_predictor(model)  # CUDA-graph replay if speed.cuda_graphs_sampling
     for t in sched.timesteps:
-        mark_sampling_step(model)
         x = torch.cat([latents, latents]) if guided else latents
         x = sched.scale_model_input(x, t)
-        eps = model.predict_noise(x, t, text.to(dtype), None if visual is None else visual.to(dtype), beta, visual_kv)
+        eps = predict_noise(x, t, text.to(dtype), None if visual is None else visual.to(dtype), beta, visual_kv)
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)

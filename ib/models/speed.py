@@ -11,8 +11,9 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
     compile_blocks          regional `torch.compile`: each repeated block (BasicTransformerBlock with its
                             adapter, ResnetBlock2D) compiled on its own. Short compile times, and it avoids
                             the Inductor failure the whole-UNet compile of the training step hit.
-    cuda_graphs_sampling    whole UNet compiled with mode="reduce-overhead" (CUDA graphs): for inference
-                            processes only (no backward through it). CUDA only; refused on CPU.
+    cuda_graphs_sampling    the sampler's UNet call replayed from CUDA graphs, one per input shape
+                            (ib/models/cuda_graph.py): no compiler, so no compile time, and it composes with
+                            compile_blocks. Sampling only (training never uses it). CUDA only; refused on CPU.
     fused_optimizer         AdamW(fused=True) for the trainable parameters.
     gradient_checkpointing  diffusers' activation checkpointing in the UNet blocks (memory for compute).
     cache_visual_kv         the adapters' keys/values of the visual tokens computed once per sampling run
@@ -26,6 +27,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D
 
 from ib.errors import ConfigError
+from ib.models.cuda_graph import CUDAGraphCache
 
 COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)  # the UNet's repeated regions
 # One compiled block class meets many weight shapes (SD 1.5: ~15 resnet in/out pairs) in training and in
@@ -61,8 +63,6 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
     if cfg.cuda_graphs_sampling and device.type != "cuda":
         raise ConfigError("model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device; "
                           f"the model is on {device.type}")
-    if cfg.cuda_graphs_sampling and cfg.compile_blocks:
-        raise ConfigError("model.speed: choose one of compile_blocks (training) and cuda_graphs_sampling (inference)")
     ldm, unet = model.ldm, model.ldm.unet
 
     dtype = DTYPES[cfg.frozen_dtype]
@@ -85,9 +85,8 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
         for m in unet.modules():
             if isinstance(m, COMPILED_BLOCKS):
                 m.compile(backend=cfg.compile_backend)
-    if cfg.cuda_graphs_sampling:
-        unet.compile(mode="reduce-overhead")
     model.speed_config = cfg
+    model.graphed_predict_noise = CUDAGraphCache(model.predict_noise) if cfg.cuda_graphs_sampling else None
     return model
 
 
@@ -110,10 +109,9 @@ def visual_kv_cache(model, visual: torch.Tensor | None):
     return tuple(a.visual_kv(visual) for a in model.adapters)
 
 
-def mark_sampling_step(model) -> None:
-    """CUDA graphs reuse their output memory: tell them a new denoising step starts."""
-    if speed_of(model).cuda_graphs_sampling:
-        torch.compiler.cudagraph_mark_step_begin()
+def noise_predictor(model):
+    """What the sampler calls for eps: model.predict_noise, or its CUDA-graph replay when switched on."""
+    return getattr(model, "graphed_predict_noise", None) or model.predict_noise
 
 
 def attention_backends(model) -> dict:
