@@ -87,6 +87,12 @@ def parse_args(argv=None):
     ap.add_argument("--sweep", action="store_true", help="measure each switch against the all-off baseline")
     ap.add_argument("--skip", nargs="*", default=[], choices=sorted(SWITCHES) + ["recommended"],
                     help="sweep entries to leave out (e.g. compile_blocks: Inductor compiles take minutes on 2 CPU cores)")
+    ap.add_argument("--sample-settings", nargs="*", default=["1x0", "1x1", "1x5", "4x0", "4x1", "4x5"],
+                    help="BATCHxREFS sampling settings of the main measurement (refs 0: plain SD)")
+    ap.add_argument("--no-sampling-compile", action="store_true",
+                    help="sample without compile_blocks (CUDA graphs alone: no compile wait per new shape)")
+    ap.add_argument("--train-last", action="store_true",
+                    help="main measurement: sampling and DreamBooth first, training (the longest compile) last")
     ap.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (sd15: 540)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier timings on a shared CPU)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -395,15 +401,23 @@ def run(a) -> dict:
         sweep(a, bench, save, rows, [v for v in variants(a) if v[0] not in LATE and v[0] != "recommended"])
 
     print("main measurement, speed =", res["speed"], flush=True)
-    train = safely(res, "train", bench, lambda: bench.train(cfg, a.precomputed_latents))
-    save()
+
+    def measure_train():
+        out = safely(res, "train", bench, lambda: bench.train(cfg, a.precomputed_latents))
+        save()
+        return out
+    train = None if a.train_last else measure_train()
     sampling = {}
     smodel = None
+    scfg = for_sampling(cfg)
+    if a.no_sampling_compile:
+        scfg = dataclasses.replace(scfg, compile_blocks=False)
+    res["sampling_speed"] = dataclasses.asdict(scfg)
     try:
-        smodel = bench.variant(for_sampling(cfg))
+        smodel = bench.variant(scfg)
     except Exception as e:  # noqa: BLE001
         res["sampling_error"] = f"{type(e).__name__}: {e}"
-    for bs, n_refs in ((1, 0), (1, 1), (1, 5), (4, 0), (4, 1), (4, 5)):
+    for bs, n_refs in (tuple(int(v) for v in x.split("x")) for x in a.sample_settings):
         if smodel is not None:
             safely(sampling, f"bs{bs}_refs{n_refs}", bench, lambda: bench.sample_time(smodel, bs, n_refs))
         res["sampling"] = sampling
@@ -414,6 +428,8 @@ def run(a) -> dict:
     del smodel
     db = safely(res, "dreambooth", bench, lambda: bench.dreambooth(cfg))
     save()
+    if a.train_last:
+        train = measure_train()
 
     def per_image(key):
         v = sampling.get(key)

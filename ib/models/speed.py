@@ -84,7 +84,10 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for m in unet.modules():
             if isinstance(m, COMPILED_BLOCKS):
-                m.compile(backend=cfg.compile_backend)
+                # Static shapes: with automatic dynamic shapes, the training step's recompile for the second
+                # resolution level failed in Inductor on an H200 (torch 2.11: "shape '[1281, 640]' is
+                # invalid for input of size 257"); one static compile per block shape avoids it.
+                m.compile(backend=cfg.compile_backend, dynamic=False)
     model.speed_config = cfg
     model.graphed_predict_noise = CUDAGraphCache(model.predict_noise) if cfg.cuda_graphs_sampling else None
     return model
