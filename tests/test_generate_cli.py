@@ -49,6 +49,7 @@ def test_generate_writes_images_and_settings(tmp_path, weights, photos, capsys):
     assert settings["sampling"]["beta"] == 0.5 and settings["sampling"]["alpha"] == 0.4
     assert settings["sampling"]["steps"] == 2 and settings["seeds"] == [5, 6, 7] and len(settings["refs"]) == 3
     assert Image.open(out / pngs[0]).size == (64, 64)
+    assert settings["speed"] == "off"  # the CPU default: exactly as trained
 
 
 def test_export_from_checkpoint_and_dtype(tmp_path, weights):
@@ -120,3 +121,13 @@ def test_unknown_mask_backend_is_one_line(tmp_path, weights, photos, capsys):
     msg = _error(capsys, ["generate", "--weights", str(weights), "--ref", refs[0], "--mask-backend", "nope",
                           "--prompt", "a sks dog", "--out", str(tmp_path / "o")])
     assert "--mask-backend" in msg and not (tmp_path / "o").exists()
+
+
+def test_speed_presets_need_cuda_for_graphs_and_keep_images_on_cpu(tmp_path, weights, photos, capsys):
+    refs, _ = photos
+    base = ["generate", "--weights", str(weights), "--ref", refs[0], "--prompt", "a sks dog", "--seed", "3"]
+    msg = _error(capsys, base + ["--speed", "graphs", "--out", str(tmp_path / "g")])
+    assert msg.startswith("ib: error: --speed graphs: model.speed.cuda_graphs_sampling") and not (tmp_path / "g").exists()
+    assert main(base + ["--speed", "off", "--out", str(tmp_path / "off")]) == 0
+    settings = json.loads((tmp_path / "off" / "settings.json").read_text())
+    assert settings["speed"] == "off"
