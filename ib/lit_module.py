@@ -77,13 +77,27 @@ class InstantBoothModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"],
                                         beta=self.beta_train, cond_dropout=self.cond_dropout,
-                                        latents=batch.get("latents"))  # precomputed into the shards, if there
+                                        latents=self._precomputed_latents(batch))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         if "skipped" in batch:  # bad samples the loader skipped (counted in its workers), summed over ranks
             self.skipped_samples += int(batch["skipped"])
             self.log("data/skipped_samples", float(self.skipped_samples), reduce_fx="sum", sync_dist=True,
                      batch_size=len(batch["caption"]))
         return loss
+
+    def _precomputed_latents(self, batch) -> torch.Tensor | None:
+        """A posterior sample from the VAE moments stored in the shards (data_tools.encode_latents), if any."""
+        moments = batch.get("latent_moments")
+        if moments is None:
+            return None
+        vae = self.model.ldm.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        want = (2 * vae.config.latent_channels, batch["image"].shape[-2] // factor, batch["image"].shape[-1] // factor)
+        if tuple(moments.shape[1:]) != want:
+            raise ConfigError(f"data.train_shards: latents.npy moments {tuple(moments.shape[1:])} do not fit this "
+                              f"VAE at data.image_size {batch['image'].shape[-1]} (need {want}); re-run "
+                              "data_tools.encode_latents with this config")
+        return self.model.ldm.latents_from_moments(moments)
 
     def validation_step(self, batch, batch_idx):
         # Fixed noise and timesteps per batch: validation curves compare like with like.

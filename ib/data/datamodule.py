@@ -4,6 +4,8 @@ Batch (on the device): image (B, 3, S, S) in [0, 1] (the full target), mask (B, 
 object in the target, cropped and flipped with it), refs (B, 1, 3, R, R) in [0, 1] (the augmented, masked
 object crop), caption (B strings, identifier inserted before the class noun), concept and key (B strings),
 skipped (bad samples skipped since the previous batch of the same worker; ib/data/streams.py).
+latent_moments (B, 2C, h, w) float16, only from shards made by data_tools.encode_latents: the VAE
+posterior of the (centre-cropped, maybe flipped) target, so training skips the VAE encoder.
 The DataLoaders yield image and refs as uint8 0..255; `on_after_batch_transfer` (or `batch_to_float`
 outside a Trainer) makes them float in [0, 1] on the device.
 """
@@ -37,6 +39,7 @@ class SampleTransform:
                  train: bool):
         self.identifier, self.augment, self.train = identifier, augment, train
         self.target = target_transform(image_size, train)
+        self.fixed_target = target_transform(image_size, train=False)  # the crop precomputed latents were made from
         self.reference = reference_transform(reference_size, augment, train)
 
     def __call__(self, s: dict) -> dict:
@@ -47,11 +50,21 @@ class SampleTransform:
         rng = np.random.default_rng() if self.train else None
         obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
         ref = self.reference(image=obj)["image"]
-        tgt = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy
-        return {"image": to_tensor(tgt["image"]), "mask": torch.from_numpy(tgt["mask"] > 0)[None],
-                "refs": to_tensor(ref)[None], "caption": caption,
-                "concept": str(s["meta"].get("concept", s["__key__"])), "key": s["__key__"]}
+        out = {}
+        moments = s.get("latent_moments")
+        if moments is None:
+            tgt = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))
+        else:  # latents fix the crop; the flip picks the mirrored moments
+            tgt = self.fixed_target(image=s["image"], mask=s["mask"].astype(np.uint8))
+            flip = bool(self.train and rng.random() < 0.5)
+            if flip:
+                tgt = {"image": tgt["image"][:, ::-1], "mask": tgt["mask"][:, ::-1]}
+            out["latent_moments"] = torch.from_numpy(np.ascontiguousarray(moments[int(flip)]))
+        out.update({"image": to_tensor(tgt["image"]), "mask": torch.from_numpy(np.ascontiguousarray(tgt["mask"]) > 0)[None],
+                    "refs": to_tensor(ref)[None], "caption": caption,
+                    "concept": str(s["meta"].get("concept", s["__key__"])), "key": s["__key__"]})
+        return out
 
 
 def batch_to_float(batch: dict) -> dict:

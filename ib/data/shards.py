@@ -105,4 +105,21 @@ def decode_sample(sample: dict) -> dict:
         raise BadSample(f"{key}: empty caption")
     if not isinstance(meta, dict) or not meta.get("class"):
         raise BadSample(f"{key}: metadata has no class noun")
-    return {"__key__": key, "image": image, "mask": mask, "caption": caption, "meta": meta}
+    out = {"__key__": key, "image": image, "mask": mask, "caption": caption, "meta": meta}
+    if LATENTS_MEMBER in sample:
+        out["latent_moments"] = decode_latent_moments(key, sample[LATENTS_MEMBER])
+    return out
+
+
+LATENTS_MEMBER = "latents.npy"  # optional, written by data_tools.encode_latents
+
+
+def decode_latent_moments(key: str, data: bytes) -> np.ndarray:
+    """-> (2, 2C, h, w) float16: VAE posterior (mean, logvar) of the centre-cropped target and of its mirror."""
+    try:
+        moments = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 — any unreadable bytes
+        raise BadSample(f"{key}: cannot decode {LATENTS_MEMBER}: {e}") from e
+    if moments.ndim != 4 or moments.shape[0] != 2 or moments.shape[1] % 2 or not np.isfinite(moments).all():
+        raise BadSample(f"{key}: {LATENTS_MEMBER} is not finite (2, 2C, h, w) moments: shape {moments.shape}")
+    return moments

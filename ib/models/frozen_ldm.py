@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -117,8 +118,16 @@ class FrozenLDM(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> scaled latents (a sample of the posterior)."""
-        dist = self.vae.encode(images * 2 - 1).latent_dist
-        return dist.sample() * self.latent_scale
+        return self.latents_from_moments(self.latent_moments(images))
+
+    def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the VAE posterior's (mean, logvar), (B, 2C, h, w): what
+        `data_tools.encode_latents` stores in shards, so training can skip the VAE encoder."""
+        return self.vae.encode(images * 2 - 1).latent_dist.parameters
+
+    def latents_from_moments(self, moments: torch.Tensor) -> torch.Tensor:
+        """A fresh posterior sample per call, as `encode_images` draws one per step."""
+        return DiagonalGaussianDistribution(moments.to(self.vae.dtype)).sample() * self.latent_scale
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""data_tools.encode_latents: VAE posterior moments written into shards, read back by the DataModule, used
+by training instead of the VAE encoder."""
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.encode_latents import main as encode_main
+from ib.cli import main as cli_main
+from ib.data.datamodule import InstantBoothDataModule, SampleTransform
+from ib.data.shards import decode_sample, read_tar_samples, resolve_shards
+from ib.data.transforms import ReferenceAugment, target_transform
+from tests.conftest import DEFAULT_CONFIG, build_tiny_model, edit_config, run_config
+
+
+def _encode(tmp_path, shards, out_name="latents", extra=()):
+    out = tmp_path / out_name
+    rc = encode_main(["--config", str(DEFAULT_CONFIG), "--input", str(shards), "--output", str(out),
+                      "--batch-size", "3", *extra])
+    return rc, out
+
+
+def _samples(folder):
+    return [s for u in resolve_shards(str(folder), "t") for s in read_tar_samples([{"url": u}], on_error=pytest.fail)]
+
+
+def test_moments_are_the_vae_posterior_of_the_centre_crop_and_its_mirror(tmp_path, synthetic_shards):
+    rc, out = _encode(tmp_path, synthetic_shards / "train")
+    assert rc == 0
+    raw_in, raw_out = _samples(synthetic_shards / "train"), _samples(out)
+    assert [s["__key__"] for s in raw_out] == [s["__key__"] for s in raw_in]
+    for a, b in zip(raw_in, raw_out):  # every original member unchanged, one added
+        assert {k: v for k, v in b.items() if k not in ("latents.npy", "__url__")} == \
+               {k: v for k, v in a.items() if k != "__url__"}
+    report = json.loads((out / "latents.json").read_text())
+    assert report["kept"] == len(raw_in) == 24 and report["skipped"] == 0
+    assert not list(out.glob("*.tmp"))
+
+    ldm = build_tiny_model().ldm  # the same random VAE: a function of the config's init_seed
+    s = decode_sample(raw_out[5])
+    crop = target_transform(64, train=False)(image=s["image"])["image"]
+    x = torch.from_numpy(crop.transpose(2, 0, 1).copy()).float()[None] / 255
+    with torch.no_grad():
+        want = ldm.latent_moments(torch.cat([x, x.flip(-1)]))
+    got = torch.from_numpy(s["latent_moments"].astype(np.float32))
+    assert got.shape == (2, 8, 16, 16)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # float16 storage
+
+
+def test_datamodule_pairs_flip_with_moments_and_training_skips_the_vae(tmp_path, synthetic_shards, monkeypatch):
+    _, out = _encode(tmp_path, synthetic_shards / "train")
+    transform = SampleTransform(64, 64, "sks", ReferenceAugment(), train=True)
+    s = decode_sample(_samples(out)[0])
+    seen = set()
+    for _ in range(12):  # the flip is random: both halves of the moments get used, each with its image
+        ex = transform(s)
+        flipped = bool(torch.equal(ex["latent_moments"], torch.from_numpy(s["latent_moments"][1])))
+        assert flipped or torch.equal(ex["latent_moments"], torch.from_numpy(s["latent_moments"][0]))
+        crop = target_transform(64, train=False)(image=s["image"])["image"]
+        assert np.array_equal(ex["image"].numpy().transpose(1, 2, 0), crop[:, ::-1] if flipped else crop)
+        seen.add(flipped)
+    assert seen == {False, True}
+
+    # A real fit on the latents shards: the VAE encoder is never called, the decoder still is (images).
+    config = edit_config(run_config(tmp_path, synthetic_shards), {"data.train_shards": str(out)})
+    from diffusers import AutoencoderKL
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda *a, **k: pytest.fail("VAE encode with precomputed latents"))
+    dm = InstantBoothDataModule(train_shards=str(out), batch_size=2, batches_per_epoch=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["latent_moments"].shape == (2, 8, 16, 16) and batch["latent_moments"].dtype == torch.float16
+    monkeypatch.undo()  # validation reads the plain val shards (VAE path)
+    calls = []
+    orig = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode",
+                        lambda self, x, *a, **k: calls.append(torch.is_grad_enabled()) or orig(self, x, *a, **k))
+    assert cli_main(["fit", "--config", str(config), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0
+    assert calls and not any(calls)  # validation (no grad) encodes its plain shards; training steps never did
+
+
+def test_bad_input_and_settings_mismatch_are_one_line_errors(tmp_path, synthetic_shards, capsys):
+    rc, _ = _encode(tmp_path, tmp_path / "nowhere")
+    assert rc == 2 and "--input: not found" in capsys.readouterr().err
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for p in sorted((synthetic_shards / "train").glob("*.tar"))[:1]:
+        (shards / p.name).write_bytes(p.read_bytes())
+    # a corrupt sample (undecodable jpg) in a second shard: skipped and counted, the rest encoded
+    bad = shards / "bad.tar"
+    with tarfile.open(bad, "w") as tar:
+        for key, data in (("x.jpg", b"not a jpeg"), ("x.png", b"x"), ("x.txt", b"a ball"), ("x.json", b'{"class": "ball"}')):
+            info = tarfile.TarInfo(key)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    rc, out = _encode(tmp_path, shards)
+    report = json.loads((out / "latents.json").read_text())
+    assert rc == 0 and report["skipped"] == 1 and report["kept"] == 8 and report["shards"]["bad.tar"]["kept"] == 0
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text("data: {image_size: 32}\n")
+    rc, _ = _encode(tmp_path, shards, extra=["--config", str(cfg)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "other settings" in err[0]
+    rc, _ = _encode(tmp_path, shards)  # the same settings again: complete shards are skipped
+    assert rc == 0 and "nothing to do" in capsys.readouterr().out
+
+
+def test_latents_of_another_image_size_are_a_one_line_error_in_fit(tmp_path, synthetic_shards, capsys):
+    small = tmp_path / "small.yaml"
+    small.write_text("data: {image_size: 32}\n")
+    rc, out = _encode(tmp_path, synthetic_shards / "train", extra=["--config", str(small)])
+    assert rc == 0
+    config = edit_config(run_config(tmp_path, synthetic_shards), {"data.train_shards": str(out)})
+    assert cli_main(["fit", "--config", str(config), "--trainer.max_steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ib: error: data.train_shards: latents.npy moments (8, 8, 8)") and "encode_latents" in err[-1]
