@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_tools import build_shards  # noqa: E402
-from ib.data.datamodule import SampleTransform, batch_to_float  # noqa: E402
+from ib.data.datamodule import InstantBoothDataModule, LoaderConfig, SampleTransform, batch_to_float  # noqa: E402
 from ib.data.shards import decode_sample, read_tar_samples  # noqa: E402
 from ib.data.streams import train_stream  # noqa: E402
 from ib.data.transforms import ReferenceAugment, mask_crop  # noqa: E402
@@ -52,6 +52,37 @@ def per_sample_ms(fn, inputs: list, repeats: int) -> tuple[float, list]:
     return (time.process_time() - start) / (repeats * len(inputs)) * 1e3, out
 
 
+LOADER_SETTINGS = [  # data.loader variants timed through the real DataModule (wall clock: workers are processes)
+    dict(num_workers=0),
+    dict(num_workers=1),
+    dict(num_workers=2),
+    dict(num_workers=2, prefetch_factor=4),
+    dict(num_workers=2, pin_memory=True),
+]
+
+
+def loader_sweep(shards: Path, a, batches: int) -> list[dict]:
+    """Samples/s of InstantBoothDataModule.train_dataloader() per data.loader setting, after the first batch
+    (worker start-up excluded). pin_memory needs CUDA; without it the row says so."""
+    rows = []
+    for setting in LOADER_SETTINGS:
+        if setting.get("pin_memory") and not torch.cuda.is_available():
+            rows.append({**setting, "samples_per_s": None, "note": "pin_memory needs CUDA"})
+            continue
+        dm = InstantBoothDataModule(train_shards=str(shards), image_size=a.image_size, reference_size=a.reference_size,
+                                    batch_size=a.batch_size, batches_per_epoch=batches + 2,
+                                    loader=LoaderConfig(**setting, shuffle_buffer=100))
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        next(it)
+        start, n = time.perf_counter(), 0
+        for _ in range(batches):
+            n += len(next(it)["caption"])
+        rows.append({**setting, "samples_per_s": round(n / (time.perf_counter() - start), 1)})
+        del it
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "dreambench")
@@ -59,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-size", type=int, default=224, help="the CLIP image encoder's input")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5, help="passes over the samples per measurement")
+    p.add_argument("--loader-batches", type=int, default=24, help="batches timed per data.loader setting")
     p.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     a = p.parse_args(argv)
     if not (a.photos / "prompts_and_classes.txt").is_file():
@@ -104,6 +136,7 @@ def main(argv=None) -> int:
         for _ in range(20):
             batch_to_float(dict(batch))
         float_ms = (time.process_time() - start) / (20 * a.batch_size) * 1e3
+        loader_rows = loader_sweep(work / "shards", a, a.loader_batches)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -115,6 +148,11 @@ def main(argv=None) -> int:
     print(f"\nshard build with GrabCut: {report['inputs']} photos, {report['kept']} kept, "
           f"{report['inputs'] / build_s:.1f} photos/s per core; uint8 -> float on the CPU would add "
           f"{float_ms:.2f} ms/sample (done on the device instead)")
+    print(f"\ndata.loader settings through the DataModule (wall clock, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}):\n| setting | samples/s |\n|---|---:|")
+    for r in loader_rows:
+        name = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("samples_per_s", "note"))
+        print(f"| {name} | {r['samples_per_s'] if r['samples_per_s'] is not None else r['note']} |")
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "torch": torch.__version__, "opencv": cv2.__version__,
@@ -124,6 +162,7 @@ def main(argv=None) -> int:
               "build": {"photos": report["inputs"], "kept": report["kept"], "dropped": report["dropped"],
                         "photos_per_s_per_core": round(report["inputs"] / build_s, 2)},
               "float_conversion_ms_per_sample_cpu": round(float_ms, 3), "clock": "process CPU time",
+              "loader_settings": loader_rows, "loader_settings_clock": "wall clock, after the first batch",
               "load_average": os.getloadavg()}
     a.output.mkdir(parents=True, exist_ok=True)
     path = a.output / f"bench_data-{platform.node()}-{datetime.date.today()}.json"
