@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 import yaml
 
+from data_tools.build_shards import write_json
 from ib.data.shards import LATENTS_MEMBER, BadSample, decode_sample, read_tar_samples, resolve_shards
 from ib.data.transforms import target_transform
 from ib.errors import ConfigError
@@ -57,12 +58,6 @@ def merged_config(paths: list[str]) -> dict:
         if key not in (cfg.get(section) or {}):
             raise ConfigError(f"--config: no {section}.{key} in {', '.join(paths)}")
     return cfg
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 class Encoder:
