@@ -13,6 +13,7 @@ from ib.cli import main as cli_main
 from ib.data.datamodule import InstantBoothDataModule, SampleTransform
 from ib.data.shards import decode_sample, read_tar_samples, resolve_shards
 from ib.data.transforms import ReferenceAugment, target_transform
+from ib.lit_module import InstantBoothModule
 from tests.conftest import DEFAULT_CONFIG, build_tiny_model, edit_config, run_config
 
 
@@ -72,13 +73,27 @@ def test_datamodule_pairs_flip_with_moments_and_training_skips_the_vae(tmp_path,
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["latent_moments"].shape == (2, 8, 16, 16) and batch["latent_moments"].dtype == torch.float16
-    monkeypatch.undo()  # validation reads the plain val shards (VAE path)
-    calls = []
-    orig = AutoencoderKL.encode
-    monkeypatch.setattr(AutoencoderKL, "encode",
-                        lambda self, x, *a, **k: calls.append(torch.is_grad_enabled()) or orig(self, x, *a, **k))
-    assert cli_main(["fit", "--config", str(config), "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]) == 0
-    assert calls and not any(calls)  # validation (no grad) encodes its plain shards; training steps never did
+    monkeypatch.undo()
+    # Which VAE encodes happen inside a training step? On the plain shards some must (so the probe works);
+    # on the latents shards none may (validation still encodes its plain val shards).
+    in_step, calls = [], []
+    step, encode = InstantBoothModule.training_step, AutoencoderKL.encode
+
+    def probed_step(self, *a, **k):
+        in_step.append(1)
+        try:
+            return step(self, *a, **k)
+        finally:
+            in_step.pop()
+    monkeypatch.setattr(InstantBoothModule, "training_step", probed_step)
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(bool(in_step)) or encode(self, *a, **k))
+    fit = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]  # after --config: they override it
+    plain = edit_config(config, {"data.train_shards": str(synthetic_shards / "train")}, out=tmp_path / "plain.yaml")
+    assert cli_main(["fit", "--config", str(plain), *fit]) == 0
+    assert sum(calls) == 2  # two training steps, one VAE encode each
+    calls.clear()
+    assert cli_main(["fit", "--config", str(config), *fit]) == 0
+    assert calls and not any(calls)
 
 
 def test_bad_input_and_settings_mismatch_are_one_line_errors(tmp_path, synthetic_shards, capsys):
