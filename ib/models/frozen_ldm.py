@@ -115,10 +115,11 @@ class FrozenLDM(nn.Module):
         return kinds[kind].from_config(self.noise_scheduler.config)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (a sample of the posterior)."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (a sample of the posterior; drawn from `generator` when given,
+        else from the global generator)."""
         dist = self.vae.encode(images * 2 - 1).latent_dist
-        return dist.sample() * self.latent_scale
+        return dist.sample(generator=generator) * self.latent_scale
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
