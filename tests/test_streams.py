@@ -16,6 +16,7 @@ import webdataset as wds
 from PIL import Image
 
 from ib.data.datamodule import InstantBoothDataModule, SampleTransform, batch_to_float
+from ib.data.shards import decode_sample
 from ib.data.transforms import ReferenceAugment, mask_crop, target_transform
 from ib.errors import ConfigError
 
@@ -134,6 +135,34 @@ def test_resampled_streams_differ_by_rank_and_repeat_by_seed(synthetic_shards, m
     assert stream(0, seed=0) == first          # reproducible
     assert stream(1, seed=0) != first          # another rank, another stream
     assert stream(0, seed=1) != first          # another seed, another stream
+
+
+def test_augmented_batches_repeat_by_seed_in_workers_too(synthetic_shards):
+    """Same loader.seed, same pixels (target crop/flip, reference jitter and augmentations), in the main process
+    and in a DataLoader worker; another seed, other augmentations of the same samples."""
+    def batches(seed: int, workers: int) -> list[dict]:
+        dm = InstantBoothDataModule(str(synthetic_shards / "train"), image_size=48, reference_size=32,
+                                    batch_size=4, batches_per_epoch=3,
+                                    loader={"seed": seed, "shuffle_buffer": 8, "num_workers": workers})
+        return list(dm.train_dataloader())
+
+    for workers in (0, 1):
+        first, again = batches(0, workers), batches(0, workers)
+        for a, b in zip(first, again, strict=True):
+            assert a["key"] == b["key"]
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["refs"], b["refs"])
+            assert torch.equal(a["mask"], b["mask"])
+
+    # The transform alone: the seed fixes the draws, which still differ from call to call.
+    sample = good_sample("ball0", size=48)
+    decoded = decode_sample({**sample, "txt": sample["txt"].encode(), "json": sample["json"].encode()})
+    def draws(seed: int) -> list[torch.Tensor]:
+        t = SampleTransform(48, 32, "sks", ReferenceAugment(), train=True, seed=seed)
+        return [torch.cat([t(decoded)["refs"].flatten(), t(decoded)["image"].flatten()]) for _ in range(4)]
+    a, b, c = draws(0), draws(0), draws(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1])
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))
 
 
 def test_validation_shares_with_more_ranks_than_shards(synthetic_shards, monkeypatch):

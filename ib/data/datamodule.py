@@ -9,6 +9,7 @@ posterior of the (centre-cropped, maybe flipped) target, so training skips the V
 The DataLoaders yield image and refs as uint8 0..255; `on_after_batch_transfer` (or `batch_to_float`
 outside a Trainer) makes them float in [0, 1] on the device.
 """
+import random
 from dataclasses import dataclass
 
 import cv2
@@ -18,7 +19,7 @@ import torch
 import webdataset as wds
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
-from ib.data.streams import train_stream, val_batches_per_rank, val_stream
+from ib.data.streams import train_stream, val_batches_per_rank, val_stream, worker_id
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
 from ib.errors import ConfigError
 from ib.models.identifier import insert_identifier
@@ -29,25 +30,51 @@ class LoaderConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     shuffle_buffer: int = 500      # raw samples per worker (about 100 kB each at 512 px)
-    seed: int = 0                  # shard and sample order; mixed with rank, worker and the resumed epoch
+    seed: int = 0                  # shard and sample order and the augmentations; mixed with rank, worker and
+                                   # the resumed epoch
 
 
 class SampleTransform:
-    """Decoded sample -> training example. Picklable, so it runs inside DataLoader workers."""
+    """Decoded sample -> training example. Picklable, so it runs inside DataLoader workers.
+
+    In training the random draws (target crop and flip, reference box jitter and augmentations) come from
+    generators seeded by (seed, rank, DataLoader worker), set up in the process that runs the transform:
+    the same seed gives the same batches, run after run. Left alone, albumentations' Compose and
+    np.random.default_rng() take fresh OS entropy, which neither `seed_everything` nor the DataLoader's
+    worker seeding reaches.
+    """
 
     def __init__(self, image_size: int, reference_size: int, identifier: str, augment: ReferenceAugment,
-                 train: bool):
+                 train: bool, seed: int = 0, rank: int = 0):
         self.identifier, self.augment, self.train = identifier, augment, train
         self.target = target_transform(image_size, train)
         self.fixed_target = target_transform(image_size, train=False)  # the crop precomputed latents were made from
         self.reference = reference_transform(reference_size, augment, train)
+        self.seed, self.rank = seed, rank
+        self._rng: np.random.Generator | None = None
+        self._seeded_worker: int | None = None  # the worker the generators were seeded for
+
+    def _seed_generators(self) -> None:
+        worker = worker_id()
+        if self._seeded_worker == worker:
+            return
+        base = wds.utils.make_seed(self.seed, self.rank, worker)
+        self._rng = np.random.default_rng([base, 0])
+        # One generator shared by all steps of a Compose: Compose(seed=...) would give every step its own copy
+        # of the same stream, so that e.g. the flip and the colour jitter draw the same numbers.
+        for i, compose in enumerate((self.target, self.reference), start=1):
+            compose.set_random_state(np.random.default_rng([base, i]), random.Random(f"{base}/{i}"))
+        self._seeded_worker = worker
 
     def __call__(self, s: dict) -> dict:
         noun = s["meta"].get("noun") or s["meta"]["class"]  # the word in the caption (a synonym or plural)
         caption = insert_identifier(s["caption"], noun, self.identifier)
         if caption is None:
             raise BadSample(f"{s['__key__']}: class noun '{noun}' not in caption")
-        rng = np.random.default_rng() if self.train else None
+        rng = None
+        if self.train:
+            self._seed_generators()
+            rng = self._rng
         obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
         ref = self.reference(image=obj)["image"]
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy
@@ -118,8 +145,8 @@ class InstantBoothDataModule(L.LightningDataModule):
         rank, world, _, _ = wds.utils.pytorch_worker_info()  # env RANK/WORLD_SIZE or torch.distributed
         return rank, world
 
-    def _transform(self, train: bool) -> SampleTransform:
-        return SampleTransform(self.image_size, self.reference_size, self.identifier, self.augment, train)
+    def _transform(self, train: bool, seed: int = 0, rank: int = 0) -> SampleTransform:
+        return SampleTransform(self.image_size, self.reference_size, self.identifier, self.augment, train, seed, rank)
 
     def _loader(self, dataset, workers: int) -> torch.utils.data.DataLoader:
         extra = {}
@@ -139,10 +166,11 @@ class InstantBoothDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         # A resumed run starts a new stream rather than replaying the one its first epochs saw.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        ds = train_stream(self.train_urls, decode_sample, self._transform(train=True),
+        seed = wds.utils.make_seed(self.loader.seed, epoch)
+        ds = train_stream(self.train_urls, decode_sample, self._transform(train=True, seed=seed, rank=rank),
                           batch_size=self.batch_size, batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),
                           resampled=self.resampled, rank=rank, world=world, workers=workers,
-                          seed=wds.utils.make_seed(self.loader.seed, epoch), shuffle_buffer=self.loader.shuffle_buffer)
+                          seed=seed, shuffle_buffer=self.loader.shuffle_buffer)
         return self._loader(ds, workers)
 
     def val_dataloader(self):

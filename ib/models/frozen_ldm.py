@@ -116,18 +116,20 @@ class FrozenLDM(nn.Module):
         return kinds[kind].from_config(self.noise_scheduler.config)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (a sample of the posterior)."""
-        return self.latents_from_moments(self.latent_moments(images))
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (a sample of the posterior; drawn from `generator` when given,
+        else from the global generator)."""
+        return self.latents_from_moments(self.latent_moments(images), generator)
 
     def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the VAE posterior's (mean, logvar), (B, 2C, h, w): what
         `data_tools.encode_latents` stores in shards, so training can skip the VAE encoder."""
         return self.vae.encode(images * 2 - 1).latent_dist.parameters
 
-    def latents_from_moments(self, moments: torch.Tensor) -> torch.Tensor:
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh posterior sample per call, as `encode_images` draws one per step."""
-        return DiagonalGaussianDistribution(moments.to(self.vae.dtype)).sample() * self.latent_scale
+        dist = DiagonalGaussianDistribution(moments.to(self.vae.dtype))
+        return dist.sample(generator=generator) * self.latent_scale
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ On the held-out (validation) concepts of the synthetic world, at fixed timesteps
   loss_own       — denoising loss with references of the target's own concept (other images of it)
   loss_shuffled  — with references of another held-out concept of the same class
   loss_base      — adapters and concept token off, identifier removed: the frozen base alone
+each also inside the object (loss_*_object: the squared error weighted by the fraction of each latent cell the
+target's object mask covers; the references describe the object, the background is the prompt's business),
 plus identity scores (ib/toy/identity_score.py) of images generated with own vs shuffled references.
 Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
 the shuffled reference).
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
@@ -78,13 +81,18 @@ class Experiment:
         m, sched = self.model, self.model.ldm.noise_scheduler
         identifier = m.identifier
         totals = defaultdict(lambda: np.zeros(len(self.timesteps)))
+        object_totals = defaultdict(lambda: np.zeros(len(self.timesteps)))
         n = 0
         samples = [(c, s) for c, ss in self.concepts.items() for s in ss]
         gen = torch.Generator().manual_seed(self.seed)
         for concept, s in tqdm(samples, desc="fixed-noise losses", unit="img"):
-            image = to_tensor(self.target(image=s["image"])["image"])[None]
+            target = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))
+            image = to_tensor(target["image"])[None]
             caption = insert_identifier(s["caption"], s["meta"]["class"], identifier)
-            latents = m.ldm.encode_images(image)
+            latents = m.ldm.encode_images(image, generator=gen)  # fixed latents too, whatever ran before
+            # The fraction of each latent cell covered by the object: weights of the object-region loss.
+            weight = F.interpolate(torch.from_numpy(target["mask"] > 0).float()[None, None],
+                                   size=latents.shape[-2:], mode="area")[0, 0]
             t = torch.tensor(self.timesteps)
             noise = torch.randn((len(t), *latents.shape[1:]), generator=gen)
             noisy = sched.add_noise(latents.expand(len(t), -1, -1, -1), noise, t)
@@ -103,9 +111,13 @@ class Experiment:
                 text = m.encode_prompts([prompt], concept_vec if use_concept else None).expand(len(t), -1, -1)
                 vis = None if visual is None else visual.expand(len(t), -1, -1)
                 pred = m.predict_noise(noisy, t, text, vis, beta)
-                totals[name] += ((pred - noise) ** 2).mean(dim=(1, 2, 3)).numpy()
+                err = ((pred - noise) ** 2).mean(dim=1)  # (T, h, w)
+                totals[name] += err.mean(dim=(1, 2)).numpy()
+                object_totals[name] += ((err * weight).sum(dim=(1, 2)) / weight.sum()).numpy()
             n += 1
-        return {name: {"mean": float(v.mean() / n), "per_timestep": dict(zip(map(str, self.timesteps), (v / n).round(5).tolist()))}
+        per_t = lambda v: dict(zip(map(str, self.timesteps), (v / n).round(5).tolist()))
+        return {name: {"mean": float(v.mean() / n), "per_timestep": per_t(v),
+                       "object_mean": float(object_totals[name].mean() / n), "object_per_timestep": per_t(object_totals[name])}
                 for name, v in totals.items()}
 
     @torch.no_grad()
@@ -153,6 +165,9 @@ def main(argv=None) -> int:
     report = {
         "loss_own": losses["own"]["mean"], "loss_shuffled": losses["shuffled"]["mean"], "loss_base": losses["base"]["mean"],
         "own_vs_shuffled_reduction": 1 - losses["own"]["mean"] / losses["shuffled"]["mean"],
+        "loss_own_object": losses["own"]["object_mean"], "loss_shuffled_object": losses["shuffled"]["object_mean"],
+        "loss_base_object": losses["base"]["object_mean"],
+        "own_vs_shuffled_reduction_object": 1 - losses["own"]["object_mean"] / losses["shuffled"]["object_mean"],
         "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
         "identity_balanced": {"beta": 0.3, "alpha": 0.4, **ident_bal},
         "losses": losses,
