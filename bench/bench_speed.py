@@ -93,7 +93,7 @@ def parse_args(argv=None):
                     help="sample without compile_blocks (CUDA graphs alone: no compile wait per new shape)")
     ap.add_argument("--train-last", action="store_true",
                     help="main measurement: sampling and DreamBooth first, training (the longest compile) last")
-    ap.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (sd15: 540)")
+    ap.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (sd15: 450)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (1 gives steadier timings on a shared CPU)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     # speed switches for the main measurement (ib/models/speed.py)
@@ -158,9 +158,7 @@ class Bench:
         with torch.no_grad():
             for ad in self.base.adapters:
                 ad.gate.fill_(GATE)
-        unet = self.base.ldm.unet
-        scale = 2 ** (len(self.base.ldm.vae.config.block_out_channels) - 1)
-        self.image_size = unet.config.sample_size * scale
+        self.image_size = self.base.ldm.image_size
         self.ref_size = self.base.image_encoder.image_size
         self.flops_cache = {}
 
@@ -473,9 +471,9 @@ def variants(a) -> list[tuple[str, SpeedConfig, bool]]:
     out = [("baseline", SpeedConfig(), False)]
     out += [(name, SpeedConfig(**change), name == "precomputed_latents") for name, change in SWITCHES.items()]
     rec = recommended(a.device)
-    # the recommended set without the compile: what is left if Inductor fails on a block (as it did on the
-    # whole UNet in ../shared/bench/anchor_adapters.py), and the compile's own share
-    out.append(("recommended_eager", dataclasses.replace(rec, compile_blocks=False), False))
+    if rec.compile_blocks:  # the set without its compile: the compile's own share, and what is left if
+        # Inductor fails on a block (as it did on the whole UNet in ../shared/bench/anchor_adapters.py)
+        out.append(("recommended_eager", dataclasses.replace(rec, compile_blocks=False), False))
     return out + [("recommended", rec, False)]
 
 

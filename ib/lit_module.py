@@ -90,9 +90,9 @@ class InstantBoothModule(L.LightningModule):
         moments = batch.get("latent_moments")
         if moments is None:
             return None
-        vae = self.model.ldm.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        want = (2 * vae.config.latent_channels, batch["image"].shape[-2] // factor, batch["image"].shape[-1] // factor)
+        ldm = self.model.ldm
+        factor = ldm.vae_scale_factor
+        want = (2 * ldm.vae.config.latent_channels, batch["image"].shape[-2] // factor, batch["image"].shape[-1] // factor)
         if tuple(moments.shape[1:]) != want:
             raise ConfigError(f"data.train_shards: latents.npy moments {tuple(moments.shape[1:])} do not fit this "
                               f"VAE at data.image_size {batch['image'].shape[-1]} (need {want}); re-run "

@@ -1,6 +1,9 @@
 """Shared fixtures: the embedded default config shrunk for tests, synthetic shards in a temp dir."""
 import copy
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -84,6 +87,21 @@ def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = 
     out = out or path
     out.write_text(yaml.safe_dump(cfg))
     return out
+
+
+def start_fit(args: list[str]) -> subprocess.Popen:
+    """`python -m ib.cli fit ARGS` in a new process group (a test can signal every rank at once); stderr piped."""
+    return subprocess.Popen([sys.executable, "-m", "ib.cli", "fit", *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(proc: subprocess.Popen, marker: Path, step: int, timeout: float) -> None:
+    """Until tests.helpers.StepMarker's file says `step` or later; fails with the stderr if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and int(marker.read_text()) >= step):
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.monotonic() < deadline, f"training did not reach step {step} in {timeout:.0f} s"
+        time.sleep(0.2)
 
 
 def subprocess_env() -> dict:

@@ -5,14 +5,12 @@ ranks stop after the same step, and one set of checkpoints is written."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, edit_config, run_config, subprocess_env
+from tests.conftest import edit_config, run_config, start_fit, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +33,10 @@ def test_two_process_ddp_fit_then_sigterm(tmp_path, synthetic_shards):
                    {"class_path": "tests.helpers.InjectNaN", "init_args": {"at_steps": [2], "rank": 1}},
                    {"class_path": "tests.helpers.StepMarker", "init_args": {"path": str(marker)}}])
     # The shipped multi-GPU settings, on two CPU processes (gloo) instead of GPUs.
-    proc = subprocess.Popen([sys.executable, "-m", "ib.cli", "fit", "--config", str(config), "--config",
-                             "conf/trainer/multi_gpu.yaml", "--trainer.accelerator", "cpu", "--trainer.devices", "2"],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = start_fit(["--config", str(config), "--config", "conf/trainer/multi_gpu.yaml",
+                      "--trainer.accelerator", "cpu", "--trainer.devices", "2"])
     try:
-        deadline = time.monotonic() + 300
-        while not (marker.exists() and int(marker.read_text()) >= 3):
-            assert proc.poll() is None, proc.stderr.read()[-4000:]
-            assert time.monotonic() < deadline, "DDP training did not reach step 3"
-            time.sleep(0.2)
+        wait_for_step(proc, marker, 3, timeout=300)
         # To every rank at once, as SLURM and torchrun do: with Lightning's own handlers this deadlocked
         # about every other run here (Lightning-AI/pytorch-lightning#20806).
         os.killpg(proc.pid, signal.SIGTERM)

@@ -3,8 +3,6 @@ restores weights, optimizer, LR scheduler and RNG exactly; SLURM's early-warning
 requeues the job once the checkpoint is on disk."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import lightning as L
@@ -15,7 +13,7 @@ from ib.callbacks.rng_state import collect_rng_state
 from ib.cli import InstantBoothCLI, main
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
-from tests.conftest import ROOT, edit_config, run_config, subprocess_env
+from tests.conftest import edit_config, run_config, start_fit, wait_for_step
 from tests.helpers import trainable_state
 
 pytestmark = pytest.mark.slow
@@ -63,15 +61,9 @@ def test_sigterm_writes_last_ckpt_and_resume_restores_exact_state(tmp_path, synt
     config = edit_config(run_config(tmp_path, synthetic_shards, max_steps=100_000, val_check_interval=1000),
                          callbacks=[{"class_path": "tests.helpers.StepMarker", "init_args": {"path": str(marker)}}],
                          checkpoint={"every_n_train_steps": 1000})  # last.ckpt can only come from the stop
-    proc = subprocess.Popen([sys.executable, "-m", "ib.cli", "fit", "--config", str(config), "--ckpt_path", "last"],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = start_fit(["--config", str(config), "--ckpt_path", "last"])
     try:
-        deadline = time.monotonic() + 240
-        while not (marker.exists() and int(marker.read_text()) >= 3):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "training did not reach step 3"
-            time.sleep(0.2)
+        wait_for_step(proc, marker, 3, timeout=240)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)

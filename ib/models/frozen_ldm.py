@@ -64,6 +64,16 @@ class FrozenLDM(nn.Module):
     def latent_scale(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent cell along a side (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The UNet's native image size in pixels."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
     @classmethod
     def from_config(cls, cfg: LDMConfig) -> "FrozenLDM":
         if cfg.pretrained:

@@ -56,9 +56,9 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
     else:
         text = cond
 
-    scale = 2 ** (len(model.ldm.vae.config.block_out_channels) - 1)
-    height = cfg.height or unet.config.sample_size * scale
-    width = cfg.width or unet.config.sample_size * scale
+    scale = model.ldm.vae_scale_factor
+    height = cfg.height or model.ldm.image_size
+    width = cfg.width or model.ldm.image_size
     sched = model.ldm.sampling_scheduler(cfg.scheduler)
     sched.set_timesteps(cfg.steps, device=device)
     latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype)

@@ -7,10 +7,12 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
                             training; the sampler turns it on itself).
     sdpa                    diffusers attention through `AttnProcessor2_0` (torch SDPA: flash / memory-
                             efficient kernels). False selects the classic processor, only to measure it.
-    channels_last           UNet and VAE weights in channels-last memory format (faster convs on GPUs).
-    compile_blocks          regional `torch.compile`: each repeated block (BasicTransformerBlock with its
-                            adapter, ResnetBlock2D) compiled on its own. Short compile times, and it avoids
-                            the Inductor failure the whole-UNet compile of the training step hit.
+    channels_last           UNet and VAE weights in channels-last memory format (measured slower on an H200:
+                            training 0.87x; README "Benchmarks").
+    compile_blocks          regional `torch.compile` with static shapes: each repeated block (BasicTransformerBlock
+                            with its adapter, ResnetBlock2D) compiled on its own, avoiding the Inductor failure
+                            of the whole-UNet training compile. Sampling 1.43x on an H200, but each new shape
+                            compiles for about a minute; the training compile took over 3 minutes there.
     cuda_graphs_sampling    the sampler's UNet call replayed from CUDA graphs, one per input shape
                             (ib/models/cuda_graph.py): no compiler, so no compile time, and it composes with
                             compile_blocks. Sampling only (training never uses it). CUDA only; refused on CPU.

@@ -62,8 +62,7 @@ class Experiment:
         self.concepts = load_concepts(data)
         self.partner = shuffled_partner(self.concepts)
         self.num_refs, self.timesteps, self.seed = num_refs, timesteps, seed
-        size = self.model.ldm.unet.config.sample_size * 2 ** (len(self.model.ldm.vae.config.block_out_channels) - 1)
-        self.target = target_transform(size, train=False)
+        self.target = target_transform(self.model.ldm.image_size, train=False)
         self.augment = ReferenceAugment()
         self.reference = reference_transform(self.model.image_encoder.image_size[0], self.augment, train=False)
 
