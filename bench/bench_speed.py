@@ -61,11 +61,13 @@ GATE = 0.1  # adapters opened a little, as after training (cost does not depend 
 SWITCHES = {  # sweep name -> SpeedConfig change (precomputed_latents is a data property, not a model switch)
     "cuda_graphs_sampling": dict(cuda_graphs_sampling=True),
     "frozen_bf16": dict(frozen_dtype="bfloat16"),
+    "native_bf16": dict(frozen_dtype="bfloat16", native_frozen_compute=True),
     "channels_last": dict(channels_last=True),
     "fused_optimizer": dict(fused_optimizer=True),
     "cache_visual_kv": dict(cache_visual_kv=True),
     "precomputed_latents": {},
     "compile_blocks": dict(compile_blocks=True),
+    "compile_transformer": dict(compile_blocks=True, compile_scope="transformer"),
     "gradient_checkpointing": dict(gradient_checkpointing=True),
     "no_sdpa": dict(sdpa=False),
 }
@@ -98,9 +100,11 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     # speed switches for the main measurement (ib/models/speed.py)
     ap.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--native-frozen-compute", action="store_true", help="with --frozen-dtype bfloat16: frozen parts compute in bf16 with autocast off")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile-blocks", action="store_true")
+    ap.add_argument("--compile-scope", default="all", choices=["all", "transformer"])
     ap.add_argument("--cuda-graphs-sampling", action="store_true")
     ap.add_argument("--fused-optimizer", action="store_true")
     ap.add_argument("--gradient-checkpointing", action="store_true")
@@ -119,8 +123,9 @@ def parse_args(argv=None):
 def main_speed(a) -> SpeedConfig:
     if a.recommended:
         return recommended(a.device)
-    return SpeedConfig(frozen_dtype=a.frozen_dtype, sdpa=not a.no_sdpa, channels_last=a.channels_last,
-                       compile_blocks=a.compile_blocks, cuda_graphs_sampling=a.cuda_graphs_sampling,
+    return SpeedConfig(frozen_dtype=a.frozen_dtype, native_frozen_compute=a.native_frozen_compute,
+                       sdpa=not a.no_sdpa, channels_last=a.channels_last,
+                       compile_blocks=a.compile_blocks, compile_scope=a.compile_scope, cuda_graphs_sampling=a.cuda_graphs_sampling,
                        fused_optimizer=a.fused_optimizer, gradient_checkpointing=a.gradient_checkpointing,
                        cache_visual_kv=a.cache_visual_kv)
 
@@ -140,8 +145,9 @@ def for_sampling(cfg: SpeedConfig) -> SpeedConfig:
     return dataclasses.replace(cfg, fused_optimizer=False, gradient_checkpointing=False)
 
 
-LATE = ("compile_blocks", "gradient_checkpointing", "no_sdpa")  # swept after the main measurement: compiles
-# take minutes and the other two matter least, so a budget-limited GPU run loses them first
+# Swept after the main measurement: compiles take minutes and the last two matter least, so a budget-limited
+# GPU run loses them first; the transformer-only compile (few shapes) goes before the full one.
+LATE = ("compile_transformer", "compile_blocks", "gradient_checkpointing", "no_sdpa")
 
 
 # --- measuring ------------------------------------------------------------------------------------------
@@ -202,9 +208,9 @@ class Bench:
         on = self.dev.type == "cuda" or cfg.frozen_dtype != "float32"
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=on)
 
-    def variant(self, cfg: SpeedConfig) -> InstantBooth:
+    def variant(self, cfg: SpeedConfig, inference: bool = False) -> InstantBooth:
         self.reset_memory()
-        return apply_speed(copy.deepcopy(self.base), cfg, device=self.dev)
+        return apply_speed(copy.deepcopy(self.base), cfg, device=self.dev, inference=inference)
 
     # --- training ---
     def train_batch(self, bs, model, cfg: SpeedConfig):
@@ -412,7 +418,7 @@ def run(a) -> dict:
         scfg = dataclasses.replace(scfg, compile_blocks=False)
     res["sampling_speed"] = dataclasses.asdict(scfg)
     try:
-        smodel = bench.variant(scfg)
+        smodel = bench.variant(scfg, inference=True)
     except Exception as e:  # noqa: BLE001
         res["sampling_error"] = f"{type(e).__name__}: {e}"
     for bs, n_refs in (tuple(int(v) for v in x.split("x")) for x in a.sample_settings):
@@ -494,7 +500,7 @@ def sweep(a, bench: Bench, save, rows: list, todo) -> None:
                 safely(row, "train", bench, lambda: bench.train(cfg, latents))
             if samples:
                 def one():
-                    model = bench.variant(for_sampling(cfg))
+                    model = bench.variant(for_sampling(cfg), inference=True)
                     return bench.sample_time(model, 1, 5)
                 safely(row, "sample_bs1_refs5", bench, one)
         rows.append(row)

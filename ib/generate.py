@@ -47,12 +47,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 # Measured on an H200 at SD 1.5 scale, 1 image, 5 references (bench/results/bench-sd15-h200-2026-11-28-*):
-# off 3.12 s, graphs 0.96 s, compiled 0.66 s (+37..77 s compile per new shape).
+# off 3.12 s, graphs 0.96 s, compiled 0.66 s (+37..77 s compile per new shape), both before
+# native_frozen_compute (all-bf16 compute, added after that run).
 SPEED_PRESETS = {
     "off": SpeedConfig(),
-    "graphs": SpeedConfig(frozen_dtype="bfloat16", cache_visual_kv=True, cuda_graphs_sampling=True),
-    "compiled": SpeedConfig(frozen_dtype="bfloat16", cache_visual_kv=True, cuda_graphs_sampling=True,
-                            compile_blocks=True),
+    "graphs": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
+                          cuda_graphs_sampling=True),
+    "compiled": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
+                            cuda_graphs_sampling=True, compile_blocks=True),
 }
 
 
@@ -86,7 +88,7 @@ def run(args) -> list[Path]:
     refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
     speed = args.speed or ("graphs" if args.device.startswith("cuda") else "off")
     try:
-        apply_speed(model, SPEED_PRESETS[speed], device=args.device)
+        apply_speed(model, SPEED_PRESETS[speed], device=args.device, inference=True)
     except ConfigError as e:
         raise ConfigError(f"--speed {speed}: {e}") from e
     model.to(args.device)

@@ -70,6 +70,41 @@ def test_bf16_frozen_parts_keep_loss_and_fp32_trainables(baseline):
     _check(model, baseline, rel=0.02)
 
 
+def _autocast_seen_inside(model, module_types=(torch.nn.GroupNorm,)) -> set:
+    """Whether autocast was on in each frozen UNet module of these types, over one training loss."""
+    seen = set()
+    for m in model.ldm.unet.modules():
+        if isinstance(m, module_types):
+            m.register_forward_pre_hook(lambda mod, args: seen.add(torch.is_autocast_enabled("cpu")))
+    _loss_and_grads(model)
+    return seen
+
+
+def test_native_bf16_frozen_compute_keeps_loss_and_fp32_trainables(baseline):
+    """Autocast is off inside the frozen parts, the adapters compute in bf16 from fp32 master weights, and
+    loss and gradients stay those of the fp32 model (bf16 tolerance)."""
+    model = _model(SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True))
+    norm_inputs = []
+    model.adapters[0].attn.to_q.register_forward_pre_hook(lambda mod, args: norm_inputs.append(args[0].dtype))
+    assert _autocast_seen_inside(model) == {False}
+    assert norm_inputs == [torch.bfloat16]  # the adapter's LayerNorm output (fp32 under autocast)
+    assert all(p.dtype == torch.float32 for p in model.param_groups()["adapters"] + model.param_groups()["heads"])
+    _check(model, baseline, rel=0.02)
+    assert _autocast_seen_inside(_model(SpeedConfig(frozen_dtype="bfloat16"))) == {True}  # the switch decides
+
+
+@torch.no_grad()
+def test_native_bf16_inference_holds_trainables_in_bf16_and_samples_like_fp32():
+    refs, prompts, cfg = torch.rand(1, 2, 3, 64, 64), ["a sks ball"], SamplingConfig(steps=3)
+    want = sample(_model(), refs, prompts, cfg, seeds=[0])
+    model = apply_speed(_model(), SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True,
+                                              cache_visual_kv=True), inference=True)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    got = sample(model, refs, prompts, cfg, seeds=[0])
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() < 0.05
+
+
 @pytest.mark.slow
 def test_regional_compile_keeps_loss_and_gradients(baseline):
     """Dynamo captures every transformer block (with its adapter) and resnet block, forward and backward.
@@ -80,6 +115,16 @@ def test_regional_compile_keeps_loss_and_gradients(baseline):
     blocks = [m for m in model.ldm.unet.modules() if isinstance(m, COMPILED_BLOCKS)]
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)
     _check(model, baseline, rel=1e-5)
+
+
+def test_transformer_compile_scope_compiles_only_transformer_blocks():
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    model = _model(SpeedConfig(compile_blocks=True, compile_scope="transformer", compile_backend="aot_eager"))
+    blocks = [m for m in model.ldm.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    resnets = [m for m in model.ldm.unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert resnets and all(m._compiled_call_impl is None for m in resnets)
 
 
 def test_precomputed_latents_skip_the_vae_and_give_the_same_loss(monkeypatch):
@@ -129,6 +174,10 @@ def test_cuda_only_and_bad_switches_are_refused():
         apply_speed(build_tiny_model(), SpeedConfig(cuda_graphs_sampling=True), device="cpu")
     with pytest.raises(ConfigError, match="frozen_dtype"):
         apply_speed(build_tiny_model(), SpeedConfig(frozen_dtype="int8"))
+    with pytest.raises(ConfigError, match="compile_scope: unknown 'resnets'"):
+        apply_speed(build_tiny_model(), SpeedConfig(compile_blocks=True, compile_scope="resnets"))
+    with pytest.raises(ConfigError, match="native_frozen_compute: needs frozen_dtype bfloat16"):
+        apply_speed(build_tiny_model(), SpeedConfig(native_frozen_compute=True))
 
 
 def test_lit_module_keeps_speed_in_hparams_and_fuses_adamw():
@@ -170,3 +219,20 @@ def test_lit_module_refuses_bf16_frozen_parts_without_mixed_precision():
     module.setup("fit")
     assert module.model.ldm.unet.conv_in.weight.dtype == torch.bfloat16
     assert module.model.adapters[0].proj.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_fit_with_native_bf16_frozen_compute(tmp_path, synthetic_shards):
+    """A real Trainer fit under bf16-mixed with the frozen parts computing natively in bf16: finite losses,
+    no skipped step, fp32 trainable weights in the checkpoint, and they moved."""
+    from ib.cli import main
+    from tests.conftest import edit_config, run_config
+    config = edit_config(run_config(tmp_path, synthetic_shards, precision="bf16-mixed", max_steps=3),
+                         {"model.speed.frozen_dtype": "bfloat16", "model.speed.native_frozen_compute": True})
+    assert main(["fit", "--config", str(config)]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == 3 and ckpt["nonfinite_steps"] == 0
+    assert ckpt["hyper_parameters"]["speed"]["native_frozen_compute"] is True
+    assert {v.dtype for v in ckpt["state_dict"].values()} == {torch.float32}
+    start = InstantBoothModule(**ckpt["hyper_parameters"]).model.trainable_state_dict()
+    assert any(not torch.equal(start[k.removeprefix("model.")], v) for k, v in ckpt["state_dict"].items())

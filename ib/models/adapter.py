@@ -47,15 +47,30 @@ class GatedSelfAttentionAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         if _is_zero(ctx.beta):
             return hidden
-        # Computed in the adapter's own (fp32 master) dtype, even when the frozen UNet runs in bf16.
-        y = hidden.to(self.proj.weight.dtype)
-        if ctx.visual_kv is not None:
-            out = self._attend_cached(self.norm(y), *ctx.visual_kv[self.index])
+        if hidden.dtype == self.proj.weight.dtype or torch.is_autocast_enabled(hidden.device.type):
+            # Under autocast (or all one dtype): the fp32 master dtype for the elementwise parts.
+            out = self._attend(hidden.to(self.proj.weight.dtype), ctx, native=False)
         else:
-            x = self.norm(torch.cat([y, self.proj(ctx.tokens.to(y.dtype))], dim=1))
-            # Only the rows of y are kept, so only they need queries: same result as slicing afterwards.
-            out = self.attn(x[:, : hidden.shape[1]], encoder_hidden_states=x)
+            # The frozen UNet runs natively in bf16 with autocast off (speed.native_frozen_compute): compute in
+            # its dtype too, casting the fp32 master weights per call (autocast without its cache: CUDA graphs).
+            with torch.autocast(hidden.device.type, dtype=hidden.dtype, cache_enabled=False):
+                out = self._attend(hidden, ctx, native=True)
         return hidden + (ctx.beta * torch.tanh(self.gate) * out).to(hidden.dtype)
+
+    def _attend(self, y: torch.Tensor, ctx: AdapterContext, native: bool) -> torch.Tensor:
+        if ctx.visual_kv is not None:
+            return self._attend_cached(self._norm(y, native), *ctx.visual_kv[self.index])
+        x = self._norm(torch.cat([y, self.proj(ctx.tokens.to(y.dtype)).to(y.dtype)], dim=1), native)
+        # Only the rows of y are kept, so only they need queries: same result as slicing afterwards.
+        return self.attn(x[:, : y.shape[1]], encoder_hidden_states=x)
+
+    def _norm(self, x: torch.Tensor, native: bool) -> torch.Tensor:
+        if not native:
+            return self.norm(x)
+        # Autocast would run LayerNorm in fp32; natively it runs in x's dtype (fp32 statistics inside the kernel).
+        n = self.norm
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, n.normalized_shape, n.weight.to(x.dtype), n.bias.to(x.dtype), n.eps)
 
     def visual_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of LN(proj(f_p)): LayerNorm is per token, so they do not depend on y."""

@@ -134,7 +134,7 @@ class FrozenLDM(nn.Module):
     def latent_moments(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> the VAE posterior's (mean, logvar), (B, 2C, h, w): what
         `data_tools.encode_latents` stores in shards, so training can skip the VAE encoder."""
-        return self.vae.encode(images * 2 - 1).latent_dist.parameters
+        return self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.parameters
 
     def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh posterior sample per call, as `encode_images` draws one per step."""

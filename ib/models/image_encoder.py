@@ -73,7 +73,7 @@ class FrozenImageEncoder(nn.Module):
         """(B, 3, H, W) in [0, 1] -> global (B, global_dim), tokens (B, 1 + patches, token_dim)."""
         if tuple(images.shape[-2:]) != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).to(next(self.visual.parameters()).dtype)  # bf16 when held in bf16
         out = self.visual.forward_intermediates(x, indices=1, output_extra_tokens=True, output_fmt="NLC")
         tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
         return out["image_features"], tokens

@@ -8,6 +8,7 @@ from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.heads import ConceptHead, PatchHead
 from ib.models.identifier import tokenize_with_identifier
 from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig
+from ib.models.speed import frozen_compute
 
 TRAINABLE_PREFIXES = ("concept_head.", "patch_head.", "adapters.")
 
@@ -49,7 +50,8 @@ class InstantBooth(nn.Module):
     def encode_references(self, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """refs (B, N, 3, H, W) in [0, 1] -> concept f_c (B, text_dim), visual tokens f_p (B, N*T, ctx_dim)."""
         b, n = refs.shape[:2]
-        global_feat, tokens = self.image_encoder(refs.flatten(0, 1))
+        with frozen_compute(self):
+            global_feat, tokens = self.image_encoder(refs.flatten(0, 1))
         concept = self.concept_head(global_feat.view(b, n, -1))
         visual = self.patch_head(tokens.view(b, n, *tokens.shape[1:]))
         return concept, visual
@@ -59,7 +61,7 @@ class InstantBooth(nn.Module):
         """Frozen text encoder, then the identifier's output embeddings := α·f_c (at every V̂ position)."""
         ids, where = tokenize_with_identifier(self.ldm.tokenizer, prompts, self.identifier)
         device = self.concept_head.proj.weight.device
-        with torch.no_grad():
+        with torch.no_grad(), frozen_compute(self):
             text = self.ldm.text_encoder(ids.to(device))[0]
         if concept is None:
             return text
@@ -68,8 +70,14 @@ class InstantBooth(nn.Module):
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                       visual: torch.Tensor | None, beta, visual_kv: tuple | None = None) -> torch.Tensor:
-        return self.ldm.unet(noisy, t, encoder_hidden_states=text,
-                             cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv)).sample
+        unet = self.ldm.unet
+        with frozen_compute(self):
+            return unet(noisy.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype),
+                        cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv)).sample
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        with frozen_compute(self):
+            return self.ldm.decode_latents(latents)
 
     # --- training objective ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, refs: torch.Tensor, captions: list[str],
@@ -77,7 +85,9 @@ class InstantBooth(nn.Module):
         """Denoising loss on the full, unmasked target; refs are the augmented, masked object crops.
         latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped)."""
         sched = self.ldm.noise_scheduler
-        latents = self.ldm.encode_images(images) if latents is None else latents
+        if latents is None:
+            with frozen_compute(self):
+                latents = self.ldm.encode_images(images)
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)

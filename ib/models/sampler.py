@@ -73,4 +73,4 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
         latents = sched.step(eps, t, latents).prev_sample
-    return model.ldm.decode_latents(latents).float()
+    return model.decode_latents(latents).float()

@@ -5,6 +5,13 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
                             heads and adapters stay fp32 master weights. Anything but float32 needs autocast
                             to that dtype around the step (Lightning `precision: bf16-mixed` does it in
                             training; the sampler turns it on itself).
+    native_frozen_compute   the frozen parts compute natively in frozen_dtype with autocast switched off inside
+                            them, as diffusers' half-precision pipelines run; the adapters compute in that dtype
+                            too, from their fp32 master weights cast per call, and the heads stay under autocast.
+                            Without it, autocast keeps every norm/softmax output and the residual stream's
+                            elementwise work in fp32 between the bf16 matmuls: more memory traffic and
+                            activation memory. Inference (`apply_speed(..., inference=True)`) also holds heads
+                            and adapters in frozen_dtype. Needs frozen_dtype bfloat16 or float16.
     sdpa                    diffusers attention through `AttnProcessor2_0` (torch SDPA: flash / memory-
                             efficient kernels). False selects the classic processor, only to measure it.
     channels_last           UNet and VAE weights in channels-last memory format (measured slower on an H200:
@@ -13,6 +20,8 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
                             with its adapter, ResnetBlock2D) compiled on its own, avoiding the Inductor failure
                             of the whole-UNet training compile. Sampling 1.43x on an H200, but each new shape
                             compiles for about a minute; the training compile took over 3 minutes there.
+                            compile_scope "transformer" compiles only the transformer blocks (with their
+                            adapters): far fewer distinct shapes, so far fewer compiles.
     cuda_graphs_sampling    the sampler's UNet call replayed from CUDA graphs, one per input shape
                             (ib/models/cuda_graph.py): no compiler, so no compile time, and it composes with
                             compile_blocks. Sampling only (training never uses it). CUDA only; refused on CPU.
@@ -21,6 +30,7 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
     cache_visual_kv         the adapters' keys/values of the visual tokens computed once per sampling run
                             (they depend on neither timestep nor latents), reused at every step.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +41,14 @@ from diffusers.models.resnet import ResnetBlock2D
 from ib.errors import ConfigError
 from ib.models.cuda_graph import CUDAGraphCache
 
-COMPILED_BLOCKS = (BasicTransformerBlock, ResnetBlock2D)  # the UNet's repeated regions
+COMPILE_SCOPES = {  # compile_scope -> the UNet's repeated regions compiled one by one
+    "all": (BasicTransformerBlock, ResnetBlock2D),
+    # SD 1.5 has 4 distinct transformer-block shapes but ~20 resnet in/out/resolution combinations: the
+    # transformer blocks (attention, GEGLU, norms and the adapter, where fusion pays) compile in a fraction
+    # of the time; the resnets are dominated by cuDNN convolutions.
+    "transformer": (BasicTransformerBlock,),
+}
+COMPILED_BLOCKS = COMPILE_SCOPES["all"]
 # One compiled block class meets many weight shapes (SD 1.5: ~15 resnet in/out pairs) in training and in
 # sampling; parameters' shapes are guarded, and torch's default limit of 8 would silently fall back to eager.
 RECOMPILE_LIMIT = 64
@@ -41,9 +58,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class SpeedConfig:
     frozen_dtype: str = "float32"
+    native_frozen_compute: bool = False
     sdpa: bool = True
     channels_last: bool = False
     compile_blocks: bool = False
+    compile_scope: str = "all"  # "all" | "transformer" (COMPILE_SCOPES)
     compile_backend: str = "inductor"  # "aot_eager": traces the same regions without code generation (tests)
     cuda_graphs_sampling: bool = False
     fused_optimizer: bool = False
@@ -55,12 +74,20 @@ def _as_config(cfg) -> SpeedConfig:
     return cfg if isinstance(cfg, SpeedConfig) else SpeedConfig(**(cfg or {}))
 
 
-def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None):
+def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None,
+                inference: bool = False):
     """Apply `cfg` to an InstantBooth in place; returns the model. device: where it will run (default: where
-    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format."""
+    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format.
+    inference: nothing will be trained (generation, evaluation), so with native_frozen_compute the heads and
+    adapters are held in frozen_dtype too: no master weights, no casts per call."""
     cfg = _as_config(cfg)
     if cfg.frozen_dtype not in DTYPES:
         raise ConfigError(f"model.speed.frozen_dtype: unknown '{cfg.frozen_dtype}' (one of {sorted(DTYPES)})")
+    if cfg.compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"model.speed.compile_scope: unknown '{cfg.compile_scope}' (one of {sorted(COMPILE_SCOPES)})")
+    if cfg.native_frozen_compute and cfg.frozen_dtype == "float32":
+        raise ConfigError("model.speed.native_frozen_compute: needs frozen_dtype bfloat16 or float16 "
+                          "(float32 parts already compute natively)")
     device = torch.device(device) if device is not None else model.concept_head.proj.weight.device
     if cfg.cuda_graphs_sampling and device.type != "cuda":
         raise ConfigError("model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device; "
@@ -72,6 +99,9 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
         ldm.to(dtype)
         model.image_encoder.to(dtype)
         model.adapters.float()  # they live inside the UNet; keep them fp32 master weights
+        if cfg.native_frozen_compute and inference:
+            for part in (model.adapters, model.concept_head, model.patch_head):
+                part.to(dtype)
 
     processor = AttnProcessor2_0 if cfg.sdpa else AttnProcessor
     unet.set_attn_processor(processor())  # includes the adapters' attention (they are UNet submodules)
@@ -85,7 +115,7 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
     if cfg.compile_blocks:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for m in unet.modules():
-            if isinstance(m, COMPILED_BLOCKS):
+            if isinstance(m, COMPILE_SCOPES[cfg.compile_scope]):
                 # Static shapes: with automatic dynamic shapes, the training step's recompile for the second
                 # resolution level failed in Inductor on an H200 (torch 2.11: "shape '[1281, 640]' is
                 # invalid for input of size 257"); one static compile per block shape avoids it.
@@ -97,6 +127,14 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
 
 def speed_of(model) -> SpeedConfig:
     return getattr(model, "speed_config", None) or SpeedConfig()
+
+
+def frozen_compute(model):
+    """Around every call into a frozen part: autocast off when they compute natively in their own dtype
+    (native_frozen_compute), so nothing is upcast to fp32 inside them; a no-op context otherwise."""
+    if not speed_of(model).native_frozen_compute:
+        return contextlib.nullcontext()
+    return torch.autocast(model.concept_head.proj.weight.device.type, enabled=False)
 
 
 def frozen_autocast(model):
