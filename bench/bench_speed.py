@@ -66,8 +66,8 @@ SWITCHES = {  # sweep name -> SpeedConfig change (precomputed_latents is a data 
     "fused_optimizer": dict(fused_optimizer=True),
     "cache_visual_kv": dict(cache_visual_kv=True),
     "precomputed_latents": {},
-    "compile_blocks": dict(compile_blocks=True),
     "compile_transformer": dict(compile_blocks=True, compile_scope="transformer"),
+    "compile_blocks": dict(compile_blocks=True),
     "gradient_checkpointing": dict(gradient_checkpointing=True),
     "no_sdpa": dict(sdpa=False),
 }

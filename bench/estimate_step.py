@@ -8,6 +8,7 @@ nothing, so SD 1.5 at batch 32 takes seconds on a laptop. Per precision mode it 
   moved_GiB   bytes read + written by the eager kernels of forward + backward (no fusion): divided by the
               card's bandwidth, the time floor of the non-matmul work
   TFLOP       matmul/conv/attention FLOPs (torch.utils.flop_counter)
+and, per `compile_scope`, how many graphs Dynamo captures (one Inductor compile each).
 
 Modes:
   autocast_fp32_weights  frozen weights fp32, adapters fp32, under CUDA autocast (the H200 baseline row)
@@ -185,6 +186,36 @@ def estimate_sampling_call(scale: str, mode: str, batch: int, tokens: int) -> di
     return {"mode": mode, "moved_GiB": round(moved.bytes / 2**30, 2), "TFLOP": round(flops.get_total_flops() / 1e12, 3)}
 
 
+def count_compiles(scale: str, batch: int, train_tokens: int, tokens_per_ref: int,
+                   sample_settings: list[tuple[int, int]]) -> dict:
+    """Graphs Dynamo captures per `compile_scope` for one training forward and one sampling call per
+    setting (static shapes, as `compile_blocks` compiles): each is one Inductor compile (training adds
+    its backward), so compile time grows with these counts."""
+    from torch._dynamo.testing import CompileCounter
+    from ib.models.speed import COMPILE_SCOPES, RECOMPILE_LIMIT
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    out = {}
+    for scope, blocks in COMPILE_SCOPES.items():
+        torch._dynamo.reset()
+        unet, cfg = unet_with_adapters(scale, "native_bf16")
+        counter = CompileCounter()
+        for m in unet.modules():
+            if isinstance(m, blocks):
+                m.compile(backend=counter, dynamic=False)
+        noisy, t, text, visual = _inputs(cfg, "native_bf16", batch, train_tokens)
+        with CudaStep(autocast=False):
+            unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, 1.0))
+        train = counter.frame_count
+        with torch.no_grad(), CudaStep(autocast=False):
+            for bs, refs in sample_settings:
+                noisy, t, text, visual = _inputs(cfg, "native_bf16", 2 * bs, refs * tokens_per_ref)
+                unet(noisy, t, encoder_hidden_states=text,
+                     cross_attention_kwargs=adapter_kwargs(visual, 1.0) if refs else None)
+        out[scope] = {"training_forward_graphs": train, "sampling_graphs": counter.frame_count - train}
+    torch._dynamo.reset()
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=sorted(CONFIGS), default="sd15")
@@ -211,8 +242,9 @@ def main(argv=None):
         n, bs = a.sample_steps, r["batch"]
         r["floor_s_per_image"] = {"matmul": round(n * r["TFLOP"] * 1e12 / a.peak_flops / bs, 4),
                                   "memory": round(n * r["moved_GiB"] * 2**30 / a.bandwidth / bs, 4)}
+    compiles = count_compiles(a.scale, a.batch, a.train_refs * a.tokens_per_ref, a.tokens_per_ref, settings)
     res = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "scale": a.scale, "args": vars(a),
-           "train": train, "sampling_unet_call": sampling,
+           "train": train, "sampling_unet_call": sampling, "compile_graphs": compiles,
            "what": "UNet + adapters on the meta device, flash attention and CUDA autocast emulated "
                    "(bench/estimate_step.py); floors = FLOPs / peak and eager bytes / bandwidth"}
     print(f"\n== estimate: {a.scale} UNet + adapters, training batch {a.batch} x {a.train_refs} ref(s), "
@@ -225,6 +257,9 @@ def main(argv=None):
     for r in sampling:
         print(f"  {r['mode']:<24}{str(r['batch']) + 'x' + str(r['refs']):>10}{r['moved_GiB']:>11}{r['TFLOP']:>8}"
               f"{r['floor_s_per_image']['matmul']:>21}{r['floor_s_per_image']['memory']:>8}")
+    print(f"  {'compile_scope':<24}{'training forward graphs':>24}{'sampling graphs (all settings)':>32}")
+    for scope, c in compiles.items():
+        print(f"  {scope:<24}{c['training_forward_graphs']:>24}{c['sampling_graphs']:>32}")
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"estimate_step-{a.scale}-{res['date']}.json"
     path.write_text(json.dumps(res, indent=1))
