@@ -43,3 +43,30 @@ def test_sd15_architecture_with_adapters():
     eps = model.predict_noise(latents, torch.tensor([500]), text, visual, 1.0)
     plain = model.predict_noise(latents, torch.tensor([500]), text, None, 0.0)
     assert eps.shape == latents.shape and torch.isfinite(eps).all() and not torch.allclose(eps, plain)
+
+
+def test_sd15_configs_parse_into_a_trainer_with_the_reliability_parts_and_metrics(synthetic_shards):
+    """conf/sd15.yaml alone and with conf/random_weights.yaml go through the real CLI into a Trainer: atomic
+    checkpoints, RNG state, the SLURM requeue signal and, with real weights, the identity metrics; the overlay
+    keeps every callback but the metrics (its towers would need weights)."""
+    from ib.callbacks.identity_eval import IdentityEval
+    from ib.callbacks.rng_state import RNGState
+    from ib.checkpoint_io import SafeCheckpointIO
+    from ib.cli import InstantBoothCLI
+    from ib.data.datamodule import InstantBoothDataModule
+    from ib.lit_module import InstantBoothModule
+
+    sd15 = yaml.safe_load((ROOT / "conf" / "sd15.yaml").read_text())["trainer"]
+    overlay = yaml.safe_load((ROOT / "conf" / "random_weights.yaml").read_text())["trainer"]
+    assert overlay["callbacks"] == [c for c in sd15["callbacks"] if not c["class_path"].endswith("IdentityEval")]
+    metrics = next(c["init_args"] for c in sd15["callbacks"] if c["class_path"].endswith("IdentityEval"))
+    assert metrics["clip"]["pretrained"] == "openai" and metrics["dino"]["weights"].endswith("dino_deitsmall16_pretrain.pth")
+
+    cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False, save_config_callback=None,
+                          args=["--config", str(ROOT / "conf" / "sd15.yaml"), "--config", str(ROOT / "conf" / "random_weights.yaml"),
+                                "--trainer.accelerator", "cpu", "--data.train_shards", str(synthetic_shards / "train"),
+                                "--data.val_shards", str(synthetic_shards / "val")])
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert RNGState in kinds and IdentityEval not in kinds
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    assert cli.model.speed.native_frozen_compute is True
