@@ -28,6 +28,7 @@ from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa:
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.models.identifier import strip_identifier  # noqa: E402
 from ib.models.sampler import SamplingConfig, sample  # noqa: E402
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset  # noqa: E402
 from ib.weights import load_instantbooth  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dino-model", help="timm architecture")
     b.add_argument("--dino-weights", help="DINO checkpoint file (original layout, e.g. dino_deitsmall16_pretrain.pth, or timm's)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--speed", choices=sorted(SPEED_PRESETS), help=SPEED_HELP + " (default: graphs on CUDA, off on CPU)")
     return p
 
 
@@ -178,6 +180,8 @@ def evaluate(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     model, hparams = load_instantbooth(args.weights)
+    speed = getattr(args, "speed", None) or default_preset(device.type)
+    apply_speed_preset(model, speed, device)
     model.to(device)
     identifier = model.identifier
     overrides = {k: getattr(args, k) for k in SAMPLER_FLAGS if getattr(args, k) is not None}
@@ -185,8 +189,9 @@ def evaluate(args) -> dict:
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
     out = Path(args.out)
+    # The speed preset is part of what made the images (bf16 gives other bits): a resume must not mix them.
     settings = {"weights_sha256": _file_digest(args.weights), "sampling": asdict(sampling), "seed": args.seed,
-                "identifier": identifier}
+                "identifier": identifier, "speed": speed}
     check_out_folder(out, settings)
 
     ref_size = model.image_encoder.image_size[0]

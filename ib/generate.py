@@ -15,7 +15,7 @@ from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
 from ib.models.identifier import contains_identifier
 from ib.models.sampler import SamplingConfig, sample
-from ib.models.speed import SpeedConfig, apply_speed
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset
 from ib.references import load_references
 from ib.weights import load_instantbooth
 
@@ -39,23 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--speed", choices=sorted(SPEED_PRESETS),
-                   help="off: as trained; graphs (default on CUDA): bf16 frozen parts + visual-KV cache + CUDA "
-                        "graphs; compiled: graphs + regional torch.compile (faster per image, but each new "
-                        "batch size / reference count compiles for about a minute)")
+    p.add_argument("--speed", choices=sorted(SPEED_PRESETS), help=SPEED_HELP)
     return p
-
-
-# Measured on an H200 at SD 1.5 scale, 1 image, 5 references (bench/results/bench-sd15-h200-2026-11-28-*):
-# off 3.12 s, graphs 0.96 s, compiled 0.66 s (+37..77 s compile per new shape), both before
-# native_frozen_compute (all-bf16 compute, added after that run).
-SPEED_PRESETS = {
-    "off": SpeedConfig(),
-    "graphs": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
-                          cuda_graphs_sampling=True),
-    "compiled": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
-                            cuda_graphs_sampling=True, compile_blocks=True),
-}
 
 
 def sampling_from_args(base: SamplingConfig, args) -> SamplingConfig:
@@ -86,11 +71,8 @@ def run(args) -> list[Path]:
         except MaskError as e:
             raise ConfigError(f"--mask-backend: {e}") from e
     refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
-    speed = args.speed or ("graphs" if args.device.startswith("cuda") else "off")
-    try:
-        apply_speed(model, SPEED_PRESETS[speed], device=args.device, inference=True)
-    except ConfigError as e:
-        raise ConfigError(f"--speed {speed}: {e}") from e
+    speed = args.speed or default_preset(args.device)
+    apply_speed_preset(model, speed, args.device)
     model.to(args.device)
 
     start = time.perf_counter()

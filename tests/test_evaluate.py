@@ -48,6 +48,7 @@ def test_evaluate_writes_report_and_resumes(weights, tmp_path, capsys):
         assert report["overall"][key] == pytest.approx(
             sum(s[key] for s in report["per_subject"].values()) / 2, abs=2e-6)
     assert report["settings"]["sampling"]["steps"] == 2 and report["settings"]["seed"] == 0
+    assert report["settings"]["speed"] == "off"  # the CPU default: exactly as trained
     assert report["backbones"]["clip"]["pretrained"] is None
 
     images = sorted(out.glob("*/*.png"))
@@ -85,6 +86,9 @@ def test_missing_backbone_files_one_line_error(weights, tmp_path, capsys):
     assert evaluate_main([*_args(weights, tmp_path / "out"), "--clip-pretrained", str(tmp_path / "clip.bin")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"ib: error: --clip-pretrained: file not found: {tmp_path / 'clip.bin'}"]
+    assert evaluate_main([*_args(weights, tmp_path / "out"), "--speed", "graphs"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ib: error: --speed graphs: model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device")
     assert not (tmp_path / "out").exists()
 
 

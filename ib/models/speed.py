@@ -125,6 +125,34 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
     return model
 
 
+# `--speed` of `ib generate` / `ib evaluate`. Measured on an H200 at SD 1.5 scale, 1 image, 5 references
+# (bench/results/bench-sd15-h200-2026-11-28-*): off 3.12 s, graphs 0.96 s, compiled 0.66 s (+37..77 s
+# compile per new shape), both before native_frozen_compute (all-bf16 compute, added after that run).
+SPEED_PRESETS = {
+    "off": SpeedConfig(),
+    "graphs": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
+                          cuda_graphs_sampling=True),
+    "compiled": SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True,
+                            cuda_graphs_sampling=True, compile_blocks=True),
+}
+SPEED_HELP = ("off: as trained; graphs (default on CUDA): the model in bf16 + visual-KV cache + CUDA graphs; "
+              "compiled: graphs + regional torch.compile (faster per image, but each new batch size / "
+              "reference count compiles for about a minute)")
+
+
+def default_preset(device: str) -> str:
+    return "graphs" if str(device).startswith("cuda") else "off"
+
+
+def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
+    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
+    try:
+        apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
+    except ConfigError as e:
+        raise ConfigError(f"--speed {preset}: {e}") from e
+    return SPEED_PRESETS[preset]
+
+
 def speed_of(model) -> SpeedConfig:
     return getattr(model, "speed_config", None) or SpeedConfig()
 
