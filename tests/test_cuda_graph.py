@@ -54,3 +54,39 @@ def test_sampling_through_graph_replay_gives_the_same_images():
     torch.testing.assert_close(got, want)
     (g,) = graphed.graphs.values()
     assert g.calls == cfg.steps  # every denoising step went through the replay
+
+
+@torch.no_grad()
+def test_inputs_that_stay_the_same_tensor_are_copied_once():
+    """Across the steps of a run only the latents and the timestep change; text and visual tokens are the same
+    tensors and are copied into the static buffers once. A tensor changed in place is copied again."""
+    model = _model()
+    graphed = CUDAGraphCache(model.predict_noise, capture=fake_capture)
+    text = model.encode_prompts(["a sks ball", "a sks box"])
+    _, visual = model.encode_references(torch.rand(2, 2, 3, 64, 64))
+    for step in range(4):
+        x, t = torch.randn(2, 4, 16, 16), torch.tensor(900 - 100 * step)
+        torch.testing.assert_close(graphed(x, t, text, visual, 0.7, None), model.predict_noise(x, t, text, visual, 0.7))
+    (g,) = graphed.graphs.values()
+    assert g.copies == 4 + 3 * 2  # step 1: x, t, text, visual; then x and t only
+    visual.mul_(2)  # same tensor, new contents
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor(5)
+    torch.testing.assert_close(graphed(x, t, text, visual, 0.7, None), model.predict_noise(x, t, text, visual, 0.7))
+    assert g.copies == 4 + 3 * 2 + 3
+    text2 = text.clone()  # equal values, another tensor: copied (identity, not values, decides)
+    graphed(x, t, text2, visual, 0.7, None)
+    assert g.copies == 4 + 3 * 2 + 3 + 1  # x and t are the previous call's tensors too
+
+
+def test_inference_mode_tensors_are_always_copied():
+    """Lightning validates under torch.inference_mode: such tensors have no version counter to trust."""
+    model = _model()
+    graphed = CUDAGraphCache(model.predict_noise, capture=fake_capture)
+    with torch.inference_mode():
+        text = model.encode_prompts(["a sks ball", "a sks box"])
+        _, visual = model.encode_references(torch.rand(2, 1, 3, 64, 64))
+        x, t = torch.randn(2, 4, 16, 16), torch.tensor(3)
+        for _ in range(2):
+            torch.testing.assert_close(graphed(x, t, text, visual, 0.7, None), model.predict_noise(x, t, text, visual, 0.7))
+    (g,) = graphed.graphs.values()
+    assert g.copies == 8
