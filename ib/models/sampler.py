@@ -60,15 +60,19 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
     height = cfg.height or model.ldm.image_size
     width = cfg.width or model.ldm.image_size
     sched = model.ldm.sampling_scheduler(cfg.scheduler)
-    sched.set_timesteps(cfg.steps, device=device)
+    # Timesteps stay on the CPU for the scheduler: its arithmetic (indexing alphas_cumprod, `prev_t >= 0`)
+    # with device tensors would make the CPU wait for the GPU at every step. The UNet gets device copies.
+    sched.set_timesteps(cfg.steps)
+    unet_timesteps = sched.timesteps.to(device)
     latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype)
     latents = latents * sched.init_noise_sigma
     visual_kv = visual_kv_cache(model, visual)  # None unless speed.cache_visual_kv
     predict_noise = noise_predictor(model)  # CUDA-graph replay if speed.cuda_graphs_sampling
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         x = torch.cat([latents, latents]) if guided else latents
         x = sched.scale_model_input(x, t)
-        eps = predict_noise(x, t, text.to(dtype), None if visual is None else visual.to(dtype), beta, visual_kv)
+        eps = predict_noise(x, unet_timesteps[i], text.to(dtype), None if visual is None else visual.to(dtype),
+                            beta, visual_kv)
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
