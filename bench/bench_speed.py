@@ -426,6 +426,14 @@ def run(a) -> dict:
             safely(sampling, f"bs{bs}_refs{n_refs}", bench, lambda: bench.sample_time(smodel, bs, n_refs))
         res["sampling"] = sampling
         save()
+    res["uncond_adapters"] = bench.base.uncond_adapters
+    if smodel is not None and "bs1_refs5" in sampling:
+        # The other guidance choice (model.uncond_adapters: false): the adapters run on the conditional half only.
+        smodel.uncond_adapters = not bench.base.uncond_adapters
+        key = "bs1_refs5_uncond_adapters_" + str(smodel.uncond_adapters).lower()
+        safely(sampling, key, bench, lambda: bench.sample_time(smodel, 1, 5))
+        smodel.uncond_adapters = bench.base.uncond_adapters
+        save()
     if smodel is not None and cfg.cuda_graphs_sampling:
         safely(res, "cuda_graph_check", bench, lambda: bench.graph_check(smodel))
         save()
@@ -449,6 +457,9 @@ def run(a) -> dict:
     res["sample_s_per_image_bs4"] = per_image("bs4_refs1")
     res["adapter_overhead"] = ratio(per_image("bs1_refs5"), per_image("bs1_refs0"))  # 5 refs, batch 1
     res["adapter_overhead_refs1"] = ratio(per_image("bs1_refs1"), per_image("bs1_refs0"))
+    res["adapter_overhead_uncond_plain"] = ratio(  # 5 refs, batch 1, guidance's unconditional half without adapters
+        per_image("bs1_refs5") if not res["uncond_adapters"] else per_image("bs1_refs5_uncond_adapters_false"),
+        per_image("bs1_refs0"))
     personalize = per_image("bs1_refs5")  # encode 5 references + generate one image
     res["personalization_s"] = personalize
     if isinstance(db, dict) and personalize and per_image("bs1_refs0"):
@@ -543,6 +554,7 @@ def print_table(res: dict) -> None:
             rows.append((f"sample s/image {key}", fmt(v["s_per_image"])))
     rows += [
         ("adapter overhead, 5 refs (1 ref)", f"{fmt(res.get('adapter_overhead'))} ({fmt(res.get('adapter_overhead_refs1'))})"),
+        ("adapter overhead, 5 refs, unconditional half plain", fmt(res.get("adapter_overhead_uncond_plain"))),
         ("personalization s (5 refs + 1 image)", fmt(res.get("personalization_s"))),
         ("DreamBooth-style %s steps + image s%s" % (db.get("steps_target"), " (extrapolated)" if db.get("extrapolated") else ""),
          fmt(db.get("total_s"))),

@@ -167,23 +167,27 @@ def estimate_train(scale: str, mode: str, batch: int, tokens: int) -> dict:
 
 
 @torch.no_grad()
-def estimate_sampling_call(scale: str, mode: str, batch: int, tokens: int) -> dict:
+def estimate_sampling_call(scale: str, mode: str, batch: int, tokens: int, uncond_adapters: bool = True) -> dict:
     """One CFG UNet call of sampling (batch doubled), with the visual keys/values cached as
-    `cache_visual_kv` does (the anchor has no cache); tokens 0: plain SD."""
+    `cache_visual_kv` does (the anchor has no cache); tokens 0: plain SD. uncond_adapters False: the
+    unconditional half is the plain frozen model and the adapters skip it (`skip_rows`)."""
     unet, cfg = unet_with_adapters(scale, mode)
     noisy, t, text, visual = _inputs(cfg, mode, 2 * batch, tokens)
+    skip = 0 if uncond_adapters else batch
     if tokens == 0:  # plain SD: the adapters are not called
         kwargs = None
     elif mode == "anchor":
         kwargs = {"gligen": {"objs": visual}}
     else:
+        visual = visual[skip:]
         with CudaStep(mode.startswith("autocast")):
             kv = tuple(m.fuser.visual_kv(visual) for m in unet.modules() if hasattr(m, "fuser"))
-        kwargs = adapter_kwargs(visual, 1.0, kv)
+        kwargs = adapter_kwargs(visual, 1.0, kv, skip)
     moved = BytesMoved()
     with FlopCounterMode(display=False) as flops, moved, CudaStep(mode.startswith("autocast")):
         unet(noisy, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs)
-    return {"mode": mode, "moved_GiB": round(moved.bytes / 2**30, 2), "TFLOP": round(flops.get_total_flops() / 1e12, 3)}
+    return {"mode": mode, "uncond_adapters": uncond_adapters, "moved_GiB": round(moved.bytes / 2**30, 2),
+            "flops": flops.get_total_flops(), "TFLOP": round(flops.get_total_flops() / 1e12, 3)}
 
 
 def count_compiles(scale: str, batch: int, train_tokens: int, tokens_per_ref: int,
@@ -236,6 +240,9 @@ def main(argv=None):
     settings = [tuple(int(v) for v in x.split("x")) for x in a.sample_settings]
     sampling = [dict(estimate_sampling_call(a.scale, m, bs, refs * a.tokens_per_ref), batch=bs, refs=refs)
                 for bs, refs in settings for m in modes if m != "autocast_fp32_weights"]
+    # model.uncond_adapters: false, where the adapters run on guidance's conditional half only
+    sampling += [dict(estimate_sampling_call(a.scale, "native_bf16", bs, refs * a.tokens_per_ref, False),
+                      batch=bs, refs=refs) for bs, refs in settings if refs and "native_bf16" in modes]
     for r in train:
         r["floor_s"] = {"matmul": round(r["TFLOP"] * 1e12 / a.peak_flops, 4), "memory": round(r["moved_GiB"] * 2**30 / a.bandwidth, 4)}
     for r in sampling:
@@ -249,17 +256,18 @@ def main(argv=None):
                    "(bench/estimate_step.py); floors = FLOPs / peak and eager bytes / bandwidth"}
     print(f"\n== estimate: {a.scale} UNet + adapters, training batch {a.batch} x {a.train_refs} ref(s), "
           f"{a.sample_steps}-step CFG sampling, {a.tokens_per_ref} tokens per ref")
-    print(f"  {'training step':<24}{'saved GiB':>10}{'moved GiB':>11}{'TFLOP':>8}{'floor s: matmul':>17}{'memory':>8}")
+    print(f"  {'training step':<28}{'saved GiB':>10}{'moved GiB':>11}{'TFLOP':>8}{'floor s: matmul':>17}{'memory':>8}")
     for r in train:
-        print(f"  {r['mode']:<24}{r['saved_GiB']:>10}{r['moved_GiB']:>11}{r['TFLOP']:>8}"
+        print(f"  {r['mode']:<28}{r['saved_GiB']:>10}{r['moved_GiB']:>11}{r['TFLOP']:>8}"
               f"{r['floor_s']['matmul']:>17}{r['floor_s']['memory']:>8}")
-    print(f"  {'sampling UNet call':<24}{'BxR':>10}{'moved GiB':>11}{'TFLOP':>8}{'floor s/img: matmul':>21}{'memory':>8}")
+    print(f"  {'sampling UNet call':<28}{'BxR':>10}{'moved GiB':>11}{'TFLOP':>8}{'floor s/img: matmul':>21}{'memory':>8}")
     for r in sampling:
-        print(f"  {r['mode']:<24}{str(r['batch']) + 'x' + str(r['refs']):>10}{r['moved_GiB']:>11}{r['TFLOP']:>8}"
+        mode = r["mode"] + ("" if r.get("uncond_adapters", True) else ", uncond plain")
+        print(f"  {mode:<28}{str(r['batch']) + 'x' + str(r['refs']):>10}{r['moved_GiB']:>11}{r['TFLOP']:>8}"
               f"{r['floor_s_per_image']['matmul']:>21}{r['floor_s_per_image']['memory']:>8}")
-    print(f"  {'compile_scope':<24}{'training forward graphs':>24}{'sampling graphs (all settings)':>32}")
+    print(f"  {'compile_scope':<28}{'training forward graphs':>24}{'sampling graphs (all settings)':>32}")
     for scope, c in compiles.items():
-        print(f"  {scope:<24}{c['training_forward_graphs']:>24}{c['sampling_graphs']:>32}")
+        print(f"  {scope:<28}{c['training_forward_graphs']:>24}{c['sampling_graphs']:>32}")
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"estimate_step-{a.scale}-{res['date']}.json"
     path.write_text(json.dumps(res, indent=1))

@@ -60,3 +60,30 @@ def test_adapter_matches_formula(tiny_model):
     full = a.norm(torch.cat([y, a.proj(fp)], 1))
     want = y + 0.3 * torch.tanh(torch.tensor(0.7)) * a.attn(full)[:, :9]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_skipped_rows_are_the_frozen_model_and_the_others_as_with_per_sample_beta(tiny_model):
+    """skip_rows (guidance's unconditional half without adapters) gives what a per-sample β of 0 gives for those
+    rows, without running the adapters on them; cached visual keys/values for the other rows agree too."""
+    for a in tiny_model.adapters:
+        a.gate.fill_(0.5)
+    x, t, text, visual = _unet_inputs(tiny_model)
+    unet = tiny_model.ldm.unet
+    plain = unet(x, t, encoder_hidden_states=text).sample
+    beta = torch.tensor([0.0, 0.8]).view(-1, 1, 1)
+    per_sample = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, beta)).sample
+
+    rows = []
+    hook = tiny_model.adapters[0].attn.to_q.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    skipped = unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual[1:], 0.8, skip_rows=1)).sample
+    kv = tuple(a.visual_kv(visual[1:]) for a in tiny_model.adapters)
+    cached = unet(x, t, encoder_hidden_states=text,
+                  cross_attention_kwargs=adapter_kwargs(visual[1:], 0.8, kv, skip_rows=1)).sample
+    hook.remove()
+
+    assert rows == [1, 1]  # the adapters computed the second row only
+    torch.testing.assert_close(skipped[:1], plain[:1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(skipped, per_sample, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cached, skipped, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(skipped[1:], plain[1:])  # the adapters did act on the other row

@@ -42,10 +42,16 @@ def test_emulated_autocast_saves_what_real_autocast_saves(monkeypatch):
 
 
 def test_estimate_runs_at_tiny_scale_and_native_bf16_saves_less(tmp_path):
-    res = E.main(["--scale", "tiny", "--batch", "2", "--tokens-per-ref", "17", "--out", str(tmp_path)])
+    res = E.main(["--scale", "tiny", "--batch", "2", "--tokens-per-ref", "17", "--sample-settings", "1x0", "1x5",
+                  "--out", str(tmp_path)])
     rows = {r["mode"]: r for r in res["train"]}
     assert rows["native_bf16"]["saved_bytes"] < rows["autocast_bf16_weights"]["saved_bytes"]
     assert rows["native_bf16"]["moved_bytes"] < rows["autocast_bf16_weights"]["moved_bytes"]
     assert rows["native_bf16"]["flops"] == rows["autocast_bf16_weights"]["flops"] > 0  # same maths
+    # Without adapters in guidance's unconditional half they run on half the batch: fewer FLOPs, more than none.
+    calls = {(r["mode"], r["batch"], r["refs"], r["uncond_adapters"]): r["flops"] for r in res["sampling_unet_call"]}
+    plain, both, cond_only = (calls[("native_bf16", 1, 0, True)], calls[("native_bf16", 1, 5, True)],
+                              calls[("native_bf16", 1, 5, False)])
+    assert plain < cond_only < both
     (path,) = tmp_path.glob("estimate_step-tiny-*.json")
     assert json.loads(path.read_text())["sampling_unet_call"]

@@ -94,3 +94,24 @@ def test_export_load_gives_the_same_images(tmp_path):
     assert hparams["identifier"] == "sks"
     refs, cfg = torch.rand(1, 2, 3, 64, 64), SamplingConfig(steps=3)
     assert torch.equal(sample(model.eval(), refs, ["a sks kite"], cfg, [5]), sample(loaded, refs, ["a sks kite"], cfg, [5]))
+
+
+@torch.no_grad()
+def test_without_uncond_adapters_the_unconditional_half_is_the_frozen_model_and_skips_them():
+    model = build_tiny_model()
+    _open_gates(model)
+    model.uncond_adapters = False
+    unet, calls, rows = model.ldm.unet, [], []
+    hooks = [unet.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out.sample)),
+                                        with_kwargs=True),
+             model.adapters[0].attn.to_q.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))]
+    sample(model, torch.rand(2, 2, 3, 64, 64), ["a sks ball", "a sks box"],
+           SamplingConfig(steps=3, guidance_scale=3.0, beta=0.5), seeds=[0, 1])
+    for h in hooks:
+        h.remove()
+
+    assert len(calls) == 3 and rows == [2, 2, 2]  # CFG batch 4; the adapters ran on the conditional 2 only
+    for (x, t), kwargs, eps in calls:
+        plain = unet(x, t, encoder_hidden_states=kwargs["encoder_hidden_states"]).sample
+        torch.testing.assert_close(eps[:2], plain[:2], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(eps[2:], plain[2:])

@@ -205,6 +205,9 @@ def test_bench_runs_at_tiny_scale_and_writes_json(tmp_path):
     assert res["sample_s_per_image_bs1"] > 0 and res["sample_s_per_image_bs4"] > 0
     assert res["dreambooth"]["extrapolated"] is True and res["speedup_vs_dreambooth"] > 0
     assert res["speed"]["cache_visual_kv"] is True
+    # the other guidance choice, measured in the same run: the adapters skip the unconditional half
+    assert res["uncond_adapters"] is True and res["sampling"]["bs1_refs5_uncond_adapters_false"]["s_per_image"] > 0
+    assert isinstance(res["adapter_overhead_uncond_plain"], float)
     assert "AttnProcessor2_0" in res["attention_backends"]["unet_and_adapters"]
 
 

@@ -18,10 +18,13 @@ from torch import nn
 @dataclass
 class AdapterContext:
     """What every adapter of one UNet call sees: visual tokens f_p (B, T, D) and the balance β.
-    visual_kv: optional per-adapter (keys, values) of the visual tokens, precomputed once per sampling run."""
+    visual_kv: optional per-adapter (keys, values) of the visual tokens, precomputed once per sampling run.
+    skip_rows: the batch's first rows bypass the adapters, i.e. are the plain frozen model (guidance's
+        unconditional half when `uncond_adapters` is False); tokens and visual_kv hold only the other rows."""
     tokens: torch.Tensor
     beta: float | torch.Tensor
     visual_kv: tuple | None = None
+    skip_rows: int = 0
 
 
 def _is_zero(beta) -> bool:
@@ -32,8 +35,9 @@ def _is_zero(beta) -> bool:
 class AdapterContextRouter(nn.Module):
     """Stands in the UNet's `position_net` slot: packs the "gligen" kwargs for the blocks."""
 
-    def forward(self, tokens: torch.Tensor, beta: float, visual_kv: tuple | None = None) -> AdapterContext:
-        return AdapterContext(tokens, beta, visual_kv)
+    def forward(self, tokens: torch.Tensor, beta: float, visual_kv: tuple | None = None,
+                skip_rows: int = 0) -> AdapterContext:
+        return AdapterContext(tokens, beta, visual_kv, skip_rows)
 
 
 class GatedSelfAttentionAdapter(nn.Module):
@@ -47,6 +51,11 @@ class GatedSelfAttentionAdapter(nn.Module):
     def forward(self, hidden: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         if _is_zero(ctx.beta):
             return hidden
+        if ctx.skip_rows:  # not computed at all, rather than computed and multiplied by β = 0
+            return torch.cat([hidden[: ctx.skip_rows], self._adapted(hidden[ctx.skip_rows:], ctx)])
+        return self._adapted(hidden, ctx)
+
+    def _adapted(self, hidden: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         if hidden.dtype == self.proj.weight.dtype or torch.is_autocast_enabled(hidden.device.type):
             # Under autocast (or all one dtype): the fp32 master dtype for the elementwise parts.
             out = self._attend(hidden.to(self.proj.weight.dtype), ctx, native=False)
@@ -103,8 +112,9 @@ def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
     return nn.ModuleList(adapters)
 
 
-def adapter_kwargs(tokens: torch.Tensor | None, beta: float, visual_kv: tuple | None = None) -> dict | None:
+def adapter_kwargs(tokens: torch.Tensor | None, beta: float, visual_kv: tuple | None = None,
+                   skip_rows: int = 0) -> dict | None:
     """cross_attention_kwargs for a UNet call: None (plain frozen UNet) when adapters are off."""
     if tokens is None or _is_zero(beta):
         return None
-    return {"gligen": {"tokens": tokens, "beta": beta, "visual_kv": visual_kv}}
+    return {"gligen": {"tokens": tokens, "beta": beta, "visual_kv": visual_kv, "skip_rows": skip_rows}}

@@ -69,11 +69,13 @@ class InstantBooth(nn.Module):
         return torch.where(where.to(device)[..., None], injected, text)
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                      visual: torch.Tensor | None, beta, visual_kv: tuple | None = None) -> torch.Tensor:
+                      visual: torch.Tensor | None, beta, visual_kv: tuple | None = None,
+                      skip_rows: int = 0) -> torch.Tensor:
+        """skip_rows: the first rows of the batch are the plain frozen model (visual has the others only)."""
         unet = self.ldm.unet
         with frozen_compute(self):
             return unet(noisy.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype),
-                        cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv)).sample
+                        cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv, skip_rows)).sample
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with frozen_compute(self):

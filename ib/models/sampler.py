@@ -46,13 +46,15 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
     beta = cfg.beta if visual is not None else 0.0
 
     guided = cfg.guidance_scale > 1.0
+    skip_rows = 0
     if guided:
         uncond = model.encode_prompts([""] * len(prompts))
         text = torch.cat([uncond, cond])
         if visual is not None:
-            visual = torch.cat([visual, visual])
-            if not model.uncond_adapters and beta != 0:  # unconditional half: plain frozen model
-                beta = torch.cat([torch.zeros(len(prompts)), torch.full((len(prompts),), beta)]).view(-1, 1, 1).to(device)
+            if model.uncond_adapters:
+                visual = torch.cat([visual, visual])
+            else:  # unconditional half: the plain frozen model, so the adapters run on the other half only
+                skip_rows = len(prompts)
     else:
         text = cond
 
@@ -72,7 +74,7 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
         x = torch.cat([latents, latents]) if guided else latents
         x = sched.scale_model_input(x, t)
         eps = predict_noise(x, unet_timesteps[i], text.to(dtype), None if visual is None else visual.to(dtype),
-                            beta, visual_kv)
+                            beta, visual_kv, skip_rows)
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
