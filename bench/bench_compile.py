@@ -87,7 +87,9 @@ def main(argv=None):
            "device": a.device, "cpu_cores": os.cpu_count(), "rows": rows}
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"compile-{a.scale}-{a.device}-{res['date']}.json"
-    path.write_text(json.dumps(res, indent=1))
+    sys.path.insert(0, str(ROOT))
+    from data_tools.build_shards import write_json
+    write_json(path, res)  # atomically: a cut-short run leaves no half-written file
     print(f"written: {path}")
     return res
 

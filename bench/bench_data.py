@@ -166,7 +166,7 @@ def main(argv=None) -> int:
               "load_average": os.getloadavg()}
     a.output.mkdir(parents=True, exist_ok=True)
     path = a.output / f"bench_data-{platform.node()}-{datetime.date.today()}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    build_shards.write_json(path, result)  # atomically: a cut-short run leaves no half-written file
     print(f"saved {path}")
     return 0
 

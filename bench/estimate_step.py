@@ -27,7 +27,6 @@ Usage: python bench/estimate_step.py [--batch 32] [--scale sd15|tiny] [--refs 1]
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data_tools.build_shards import write_json  # noqa: E402
 from ib.models.adapter import adapter_kwargs, install_adapters  # noqa: E402
 
 CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
@@ -270,7 +270,7 @@ def main(argv=None):
         print(f"  {scope:<28}{c['training_forward_graphs']:>24}{c['sampling_graphs']:>32}")
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"estimate_step-{a.scale}-{res['date']}.json"
-    path.write_text(json.dumps(res, indent=1))
+    write_json(path, res)  # atomically: a cut-short run leaves no half-written file
     print(f"\n  written: {path}")
     return res
 
