@@ -4,6 +4,14 @@
 class ConfigError(ValueError):
     """Bad input from the user: a config field, a file or a folder. The message names it. Exit code 2."""
 
+    def __init__(self, message: str = ""):
+        # Raised in a DataLoader worker, it comes back as "Caught ConfigError in DataLoader worker process 0.
+        # Original Traceback ... ib.errors.ConfigError: <message>": keep the message alone.
+        marker = f"{type(self).__module__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped by the NaN / inf guard (ib.nonfinite) after a checkpoint of the last good state. Exit 1."""

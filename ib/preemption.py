@@ -11,6 +11,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,42 @@ class StopSignals:
     def stop_everywhere(self, trainer) -> bool:
         """True on every rank once any rank got a signal (must be called by all ranks at the same point)."""
         return trainer.strategy.reduce_boolean_decision(bool(self.received), all=False)
+
+
+# Stop signals a cluster may send to a whole job; SIGUSR1/2 are the usual early warnings (SLURM --signal).
+WORKER_IGNORED_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2}
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: the main process decides when to stop, then shuts this worker down.
+
+    The signals are blocked and taken by a thread, which exits the worker only for a SIGTERM from its parent:
+    how the DataLoader ends a worker that does not answer (torch's own worker handler does the same). Workers
+    start with them blocked already (WorkerSignalsLoader), so none can arrive before this runs.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+    threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(WORKER_IGNORED_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+class WorkerSignalsLoader(torch.utils.data.DataLoader):
+    """A DataLoader that forks its workers with the stop signals blocked; give it
+    `worker_init_fn=ignore_stop_signals`. A signal sent meanwhile waits for the main process."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def requeue_slurm_job() -> None:

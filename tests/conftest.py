@@ -89,9 +89,10 @@ def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = 
     return out
 
 
-def start_fit(args: list[str]) -> subprocess.Popen:
-    """`python -m ib.cli fit ARGS` in a new process group (a test can signal every rank at once); stderr piped."""
-    return subprocess.Popen([sys.executable, "-m", "ib.cli", "fit", *args], cwd=ROOT, env=subprocess_env(),
+def start_fit(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """`python -m ib.cli fit ARGS` in a new process group (a test can signal every rank at once); stderr piped.
+    `env`: extra environment variables."""
+    return subprocess.Popen([sys.executable, "-m", "ib.cli", "fit", *args], cwd=ROOT, env=subprocess_env(**(env or {})),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
@@ -104,7 +105,7 @@ def wait_for_step(proc: subprocess.Popen, marker: Path, step: int, timeout: floa
         time.sleep(0.2)
 
 
-def subprocess_env() -> dict:
-    """Environment for `python -m ib.cli` subprocesses: this checkout's code, offline."""
+def subprocess_env(**extra: str) -> dict:
+    """Environment for `python -m ib.cli` subprocesses: this checkout's code, offline, plus `extra`."""
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1")
+                NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", **extra)

@@ -73,3 +73,19 @@ class RankReport(L.Callback):
         rank = trainer.global_rank
         (self.out / f"rank{rank}.json").write_text(json.dumps(self.report))
         torch.save(trainable_state(pl_module), self.out / f"rank{rank}.pt")
+
+
+class KeyRecorder(L.Callback):
+    """Appends each finished training step's sample keys to a JSON-lines file (every rank: `path` + rank)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.keys: list[str] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.keys = list(batch["key"])
+
+    def on_train_batch_end(self, trainer, *args):
+        path = self.path.with_name(f"{self.path.name}{trainer.global_rank}")
+        with path.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "keys": self.keys}) + "\n")

@@ -8,6 +8,10 @@ The real 2-process DDP run is in test_ddp_data.py.
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -163,6 +167,12 @@ def test_augmented_batches_repeat_by_seed_in_workers_too(synthetic_shards):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], a[1])
     assert not any(torch.equal(x, y) for x, y in zip(a, c))
+    # A seed given with the sample (the stream's, from its place in the stream) fixes its draws alone.
+    t = SampleTransform(48, 32, "sks", ReferenceAugment(), train=True)
+    first = t(decoded, seed=7)["refs"]
+    t(decoded, seed=8)
+    assert torch.equal(t(decoded, seed=7)["refs"], first)
+    assert not torch.equal(t(decoded, seed=8)["refs"], first)
 
 
 def test_validation_shares_with_more_ranks_than_shards(synthetic_shards, monkeypatch):
@@ -224,3 +234,76 @@ def test_noun_synonym_gets_the_identifier():
     assert out["image"].dtype == torch.uint8 and out["mask"].dtype == torch.bool
     batch = batch_to_float({"image": out["image"][None], "refs": out["refs"][None]})
     assert batch["image"].dtype == torch.float32 and batch["image"].max() <= 1
+
+
+def _worker_pids(iterator) -> list[int]:
+    return [w.pid for w in iterator._workers]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_workers_outlive_stop_signals_sent_to_the_whole_job(synthetic_shards, signum):
+    """A scheduler signals every process of the job; the workers must keep serving the main process, which
+    checkpoints and then shuts them down. Sent by another process (`kill`), as a scheduler's would be."""
+    dm = InstantBoothDataModule(str(synthetic_shards / "train"), image_size=16, reference_size=16, batch_size=2,
+                                batches_per_epoch=8, loader={"num_workers": 2, "shuffle_buffer": 4})
+    it = iter(dm.train_dataloader())
+    next(it)
+    pids = _worker_pids(it)
+    subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", *map(str, pids)], check=True)
+    time.sleep(1.0)  # time for a worker to die of it
+    assert len(list(it)) == 7  # was: RuntimeError: DataLoader worker (pid ...) is killed by signal
+
+
+def test_a_sigterm_from_the_main_process_still_ends_a_worker(synthetic_shards):
+    """How the DataLoader ends a worker that does not answer its shutdown request."""
+    dm = InstantBoothDataModule(str(synthetic_shards / "train"), image_size=16, reference_size=16, batch_size=2,
+                                batches_per_epoch=8, loader={"num_workers": 1, "shuffle_buffer": 4})
+    it = iter(dm.train_dataloader())
+    next(it)
+    worker = it._workers[0]
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    it._shutdown_workers()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_with_nothing_good_stops_with_one_line(tmp_path, workers):
+    """resampled: true draws shards forever; with every sample bad it used to skip forever."""
+    write_shard(tmp_path / "bad.tar", [dict(good_sample(f"bad{i}"), jpg=b"not a jpeg") for i in range(3)])
+    (tmp_path / "empty.tar").write_bytes(b"\0" * 1024)  # a valid tar without members
+    for shards in ("bad.tar", "empty.tar"):
+        dm = InstantBoothDataModule(str(tmp_path / shards), image_size=16, reference_size=16, batch_size=2,
+                                    max_consecutive_bad=50, loader={"num_workers": workers})
+        start = time.monotonic()
+        with pytest.raises(ConfigError) as e:
+            list(dm.train_dataloader())
+        assert time.monotonic() - start < 60
+        message = str(e.value)
+        assert "\n" not in message and message.startswith("data.train_shards: 50 bad samples in a row"), message
+        assert "data.max_consecutive_bad" in message
+
+
+def test_resumed_stream_continues_where_the_delivered_batches_end(synthetic_shards, corrupt_shards):
+    """Positions recorded from the batches (as a checkpoint keeps them) restart every worker exactly there,
+    bad samples included: the rest of the epoch and the next epoch are the uninterrupted ones."""
+    folder = corrupt_shards[0]
+    for shards in (synthetic_shards / "train", folder):
+        kw = dict(image_size=16, reference_size=16, batch_size=2, batches_per_epoch=6,
+                  loader={"num_workers": 2, "shuffle_buffer": 4, "seed": 3})
+        full = InstantBoothDataModule(str(shards), **kw)
+        loader = full.train_dataloader()
+        epochs = [[b["key"] for b in loader] for _ in range(2)]
+        for k in (1, 3, 6):  # mid-epoch, odd (one worker ahead), at the epoch's end
+            stopped = InstantBoothDataModule(str(shards), **kw)
+            positions = {}
+            delivered = [b for _, b in zip(range(k), stopped.train_dataloader())]
+            for b in delivered:
+                epoch, worker, n, samples = b["stream"].tolist()
+                positions[worker] = (n, samples)
+            resumed = InstantBoothDataModule(str(shards), **kw)
+            resumed.load_state_dict({"per_rank": [{"epoch": 0, "num_workers": 2, "workers": positions}]})
+            loader = resumed.train_dataloader()
+            rest = [[b["key"] for b in loader] for _ in range(2)]
+            assert [b["key"] for b in delivered] + rest[0] == epochs[0], k
+            assert rest[1] == epochs[1], k

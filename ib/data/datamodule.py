@@ -16,12 +16,15 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
-from ib.data.streams import train_stream, val_batches_per_rank, val_stream, worker_id
+from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
 from ib.errors import ConfigError
+from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
 from ib.models.identifier import insert_identifier
 
 @dataclass
@@ -30,51 +33,44 @@ class LoaderConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     shuffle_buffer: int = 500      # raw samples per worker (about 100 kB each at 512 px)
-    seed: int = 0                  # shard and sample order and the augmentations; mixed with rank, worker and
-                                   # the resumed epoch
+    seed: int = 0                  # shard and sample order and the augmentations; mixed with epoch, rank,
+                                   # worker and each sample's place in the stream
 
 
 class SampleTransform:
     """Decoded sample -> training example. Picklable, so it runs inside DataLoader workers.
 
     In training the random draws (target crop and flip, reference box jitter and augmentations) come from
-    generators seeded by (seed, rank, DataLoader worker), set up in the process that runs the transform:
-    the same seed gives the same batches, run after run. Left alone, albumentations' Compose and
-    np.random.default_rng() take fresh OS entropy, which neither `seed_everything` nor the DataLoader's
-    worker seeding reaches.
+    generators seeded per sample: the training stream passes a seed made from the sample's place in it, so
+    the same seed gives the same pixels, run after run, and a resumed stream need not replay the draws of
+    the samples it skips. Called without one, each call takes the next seed of (seed, calls so far). Left
+    alone, albumentations' Compose and np.random.default_rng() take fresh OS entropy, which neither
+    `seed_everything` nor the DataLoader's worker seeding reaches.
     """
 
     def __init__(self, image_size: int, reference_size: int, identifier: str, augment: ReferenceAugment,
-                 train: bool, seed: int = 0, rank: int = 0):
+                 train: bool, seed: int = 0):
         self.identifier, self.augment, self.train = identifier, augment, train
         self.target = target_transform(image_size, train)
         self.fixed_target = target_transform(image_size, train=False)  # the crop precomputed latents were made from
         self.reference = reference_transform(reference_size, augment, train)
-        self.seed, self.rank = seed, rank
-        self._rng: np.random.Generator | None = None
-        self._seeded_worker: int | None = None  # the worker the generators were seeded for
+        self.seed, self.calls = seed, 0
 
-    def _seed_generators(self) -> None:
-        worker = worker_id()
-        if self._seeded_worker == worker:
-            return
-        base = wds.utils.make_seed(self.seed, self.rank, worker)
-        self._rng = np.random.default_rng([base, 0])
+    def _seeded_generator(self, seed: int | None) -> np.random.Generator:
+        if seed is None:
+            seed, self.calls = wds.utils.make_seed(self.seed, self.calls), self.calls + 1
         # One generator shared by all steps of a Compose: Compose(seed=...) would give every step its own copy
         # of the same stream, so that e.g. the flip and the colour jitter draw the same numbers.
         for i, compose in enumerate((self.target, self.reference), start=1):
-            compose.set_random_state(np.random.default_rng([base, i]), random.Random(f"{base}/{i}"))
-        self._seeded_worker = worker
+            compose.set_random_state(np.random.default_rng([seed, i]), random.Random(f"{seed}/{i}"))
+        return np.random.default_rng([seed, 0])
 
-    def __call__(self, s: dict) -> dict:
+    def __call__(self, s: dict, seed: int | None = None) -> dict:
         noun = s["meta"].get("noun") or s["meta"]["class"]  # the word in the caption (a synonym or plural)
         caption = insert_identifier(s["caption"], noun, self.identifier)
         if caption is None:
             raise BadSample(f"{s['__key__']}: class noun '{noun}' not in caption")
-        rng = None
-        if self.train:
-            self._seed_generators()
-            rng = self._rng
+        rng = self._seeded_generator(seed) if self.train else None
         obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
         ref = self.reference(image=obj)["image"]
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy
@@ -111,18 +107,26 @@ class InstantBoothDataModule(L.LightningDataModule):
     resampled: training draws shards with replacement on every rank and worker (true), or splits the shards
         by rank and worker and reads each share pass after pass (false). See ib/data/streams.py.
     val_batches: validation batches per rank; null = each rank's share of the whole validation set.
+    max_consecutive_bad: this many unusable samples (or empty shards) in a row stop training with an error;
+        a data set with nothing good in it would otherwise be read forever.
+
+    Its checkpoint state is where every rank's and worker's training stream stands, so a resumed run
+    continues the stream instead of replaying it (ib/data/streams.py).
     """
 
     def __init__(self, train_shards: str, val_shards: str | None = None, image_size: int = 64,
                  reference_size: int = 64, batch_size: int = 4, val_batch_size: int | None = None,
                  batches_per_epoch: int = 100, val_batches: int | None = None, identifier: str = "sks",
                  resampled: bool = True, augment: ReferenceAugment | None = None,
-                 loader: LoaderConfig | None = None):
+                 loader: LoaderConfig | None = None, max_consecutive_bad: int = 1000):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
                             ("image_size", image_size), ("reference_size", reference_size)):
             if value < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {value}")
+        if max_consecutive_bad < 1:
+            raise ConfigError(f"data.max_consecutive_bad: must be >= 1, got {max_consecutive_bad}")
+        self.max_consecutive_bad = max_consecutive_bad
         if val_batches is not None and val_batches < 1:
             raise ConfigError(f"data.val_batches: must be >= 1 or null, got {val_batches}")
         self.train_urls = resolve_shards(train_shards, "data.train_shards")
@@ -138,6 +142,8 @@ class InstantBoothDataModule(L.LightningDataModule):
             if getattr(self.loader, name) < low:
                 raise ConfigError(f"data.loader.{name}: must be >= {low}, got {getattr(self.loader, name)}")
         self._val_samples: int | None = None
+        self._delivered: dict = {"epoch": 0, "workers": {}}  # this rank's stream: {worker: (batches, samples)}
+        self._resume: list[dict] | None = None  # every rank's, from a checkpoint
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
@@ -145,32 +151,73 @@ class InstantBoothDataModule(L.LightningDataModule):
         rank, world, _, _ = wds.utils.pytorch_worker_info()  # env RANK/WORLD_SIZE or torch.distributed
         return rank, world
 
-    def _transform(self, train: bool, seed: int = 0, rank: int = 0) -> SampleTransform:
-        return SampleTransform(self.image_size, self.reference_size, self.identifier, self.augment, train, seed, rank)
+    def _transform(self, train: bool) -> SampleTransform:
+        return SampleTransform(self.image_size, self.reference_size, self.identifier, self.augment, train,
+                               self.loader.seed)
 
     def _loader(self, dataset, workers: int) -> torch.utils.data.DataLoader:
         extra = {}
         if workers:
-            extra = {"prefetch_factor": self.loader.prefetch_factor, "persistent_workers": True}
+            extra = {"prefetch_factor": self.loader.prefetch_factor, "persistent_workers": True,
+                     "worker_init_fn": ignore_stop_signals}  # the main process stops them (ib/preemption.py)
             # OpenCV's thread pool does not survive fork: a forked worker that touches it can deadlock
             # (seen in cv2.setNumThreads). Serial OpenCV before forking; the workers are the parallelism.
             cv2.setNumThreads(0)
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
-                                           pin_memory=self.loader.pin_memory, **extra)
+        # Its own generator: starting workers would otherwise draw from the global one, which a resumed
+        # run restores, and so shift training's noise and timesteps.
+        return WorkerSignalsLoader(dataset, batch_size=None, num_workers=workers,
+                                   pin_memory=self.loader.pin_memory,
+                                   generator=torch.Generator().manual_seed(self.loader.seed), **extra)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # Where the stream stands once this batch is trained on (read on the CPU: no device sync).
+        if "stream" in batch and self.trainer is not None and self.trainer.training:
+            epoch, worker, batches, samples = batch["stream"].tolist()
+            if epoch != self._delivered["epoch"]:
+                self._delivered = {"epoch": epoch, "workers": {}}
+            self._delivered["workers"][worker] = (batches, samples)
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         return batch_to_float(batch)
 
+    def state_dict(self) -> dict:
+        # Called on every rank when a checkpoint is made; rank 0 writes it, so it holds every rank's.
+        mine = {"epoch": self._delivered["epoch"], "num_workers": self.loader.num_workers,
+                "workers": {int(w): list(p) for w, p in self._delivered["workers"].items()}}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            return {"per_rank": ranks}
+        return {"per_rank": [mine]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict.get("per_rank")
+
+    def _resume_point(self, epoch: int, rank: int, world: int) -> dict[int, tuple[int, int]] | None:
+        """{worker: (batches, samples)} this rank's stream had delivered in `epoch`, from the checkpoint."""
+        saved, self._resume = self._resume, None
+        if not saved:
+            return None
+        if len(saved) != world or saved[rank]["num_workers"] != self.loader.num_workers:
+            rank_zero_warn(f"the checkpoint's data stream was read by {len(saved)} ranks x "
+                           f"{saved[0]['num_workers']} workers, this run has {world} x {self.loader.num_workers}: "
+                           f"epoch {epoch} starts afresh and samples of it may repeat")
+            return None
+        mine = saved[rank]
+        return {int(w): tuple(p) for w, p in mine["workers"].items()} if mine["epoch"] == epoch else None
+
     def train_dataloader(self):
         workers = self.loader.num_workers
         rank, world = self._rank_world()
-        # A resumed run starts a new stream rather than replaying the one its first epochs saw.
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        seed = wds.utils.make_seed(self.loader.seed, epoch)
-        ds = train_stream(self.train_urls, decode_sample, self._transform(train=True, seed=seed, rank=rank),
-                          batch_size=self.batch_size, batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),
-                          resampled=self.resampled, rank=rank, world=world, workers=workers,
-                          seed=seed, shuffle_buffer=self.loader.shuffle_buffer)
+        resume = self._resume_point(epoch, rank, world)
+        self._delivered = {"epoch": epoch, "workers": dict(resume or {})}
+        ds = TrainStream(self.train_urls, decode_sample, self._transform(train=True), batch_size=self.batch_size,
+                         batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),
+                         resampled=self.resampled, rank=rank, world=world, workers=workers,
+                         seed=self.loader.seed, shuffle_buffer=self.loader.shuffle_buffer,
+                         max_consecutive_bad=self.max_consecutive_bad, first_epoch=epoch, resume=resume)
         return self._loader(ds, workers)
 
     def val_dataloader(self):

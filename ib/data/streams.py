@@ -1,11 +1,15 @@
 """WebDataset streams for training and validation: which rank and worker reads what, in which order.
 
-Training, resampled (default): every (rank, worker) draws shards with replacement from the whole list,
-    seeded by (seed, rank, worker, pass): a different stream on every rank and worker, reproducible.
-    Nothing to split: the draws are independent. Suits any number of shards, ranks and workers.
-Training, not resampled: the shard list is split by rank, then by worker, so every (rank, worker) owns a
-    disjoint set of shards; it reads them in a freshly shuffled order each pass, pass after pass.
-    Needs at least ranks x workers shards.
+Training (`TrainStream`) is a function of (loader seed, epoch, rank, worker) and nothing else: epoch e of a
+resumed run is epoch e of an uninterrupted one, and a run resumed inside an epoch skips exactly what its
+workers had delivered (the positions come from the checkpoint; see InstantBoothDataModule.state_dict).
+Every sample's augmentations are seeded by its place in the stream, so skipped samples need reading, not
+decoding. Exact as long as the shards, ranks, workers, batch size and seed stay the same.
+  resampled (default): every (rank, worker) draws shards with replacement from the whole list. Suits any
+    number of shards, ranks and workers.
+  not resampled: the shard list is split by rank, then by worker, so every (rank, worker) owns a disjoint
+    set of shards; it reads them in a freshly shuffled order each pass, pass after pass. Needs at least
+    ranks x workers shards.
 Both cut an epoch at a fixed number of batches per worker, so every DDP rank runs the same number of
 steps however unequal the shards are.
 
@@ -15,7 +19,9 @@ Validation: every rank reads all shards in order and keeps the samples i = rank 
     as torch's DistributedSampler pads.
 
 Bad samples are skipped (a warning) and counted per process; each batch carries the count since the
-previous batch as `skipped`, so counts made inside DataLoader workers reach the training step.
+previous batch as `skipped`, so counts made inside DataLoader workers reach the training step. A stream
+that meets `max_consecutive_bad` bad samples (or empty shards) in a row stops with a ConfigError: a data
+set with nothing usable in it would otherwise be read forever.
 """
 import itertools
 import logging
@@ -37,19 +43,29 @@ def worker_id() -> int:
 
 
 class SkipCounter:
-    """Skips bad samples and counts them. Each DataLoader worker holds its own copy (pickled or forked)."""
+    """Skips bad samples and counts them; too many in a row stop the stream. One per stream and process."""
 
-    def __init__(self):
-        self.pending = 0
+    def __init__(self, field_name: str, max_consecutive: int | None = None):
+        self.field_name, self.max_consecutive = field_name, max_consecutive
+        self.pending = 0      # since the last batch
+        self.consecutive = 0  # since the last good sample
 
     def skip(self, exn: Exception) -> bool:
         """webdataset handler: warn, count, continue."""
         self.pending += 1
+        self.consecutive += 1
         if isinstance(exn, BadSample):
             log.warning("skipping sample: %s", exn)
         else:  # not a known kind of bad data: say what broke
             log.warning("skipping sample: %s: %s", type(exn).__name__, exn)
+        if self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise ConfigError(f"{self.field_name}: {self.consecutive} bad samples in a row, nothing to train on "
+                              f"(data.max_consecutive_bad); last: {exn}")
         return True
+
+    def good(self, sample):
+        self.consecutive = 0
+        return sample
 
     def attach(self, batch: dict) -> dict:
         batch["skipped"] = torch.tensor(self.pending)
@@ -58,7 +74,7 @@ class SkipCounter:
 
 
 class SplitByRank:
-    """Every world-th item starting at rank (shards for training, samples for validation)."""
+    """Every world-th item starting at rank (samples for validation)."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
@@ -67,50 +83,97 @@ class SplitByRank:
         return itertools.islice(src, self.rank, None, self.world)
 
 
-class StreamSeed:
-    """Seed source for wds.ResampledShards: distinct per (rank, worker)."""
+class TrainStream(torch.utils.data.IterableDataset):
+    """Training batches, one epoch of `batches_per_worker` per __iter__ in every worker.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    first_epoch: the epoch the first __iter__ is (each DataLoader worker keeps its own copy and counts on).
+    resume: {worker: (batches, samples)} already delivered in first_epoch, from a checkpoint.
+    Each batch carries `stream` = (epoch, worker, batches delivered, raw samples read) for the checkpoint.
+    A "worker" here is a stream: the DataLoader takes batches from its worker processes in turn, starting
+    with process 0, so a resumed epoch hands process 0 the stream whose turn was next.
+    """
 
-    def __call__(self) -> int:
-        return wds.utils.make_seed(self.rank, worker_id())
-
-
-class SeededShuffle(wds.PipelineStage):
-    """Buffer shuffle seeded by (seed, rank, worker, pass): reproducible, different on every stream."""
-
-    def __init__(self, bufsize: int, seed: int, rank: int):
-        self.bufsize, self.seed, self.rank, self.passes = bufsize, seed, rank, 0
-
-    def run(self, src):
-        self.passes += 1
-        rng = random.Random(wds.utils.make_seed(self.seed, self.rank, worker_id(), self.passes))
-        return wds.filters.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
-
-
-def _samples_to_batches(counter: SkipCounter, decode, transform, batch_size: int, partial_batches: bool):
-    return [wds.map(decode, handler=counter.skip), wds.map(transform, handler=counter.skip),
-            wds.batched(batch_size, partial=partial_batches), wds.map(counter.attach)]
-
-
-def train_stream(urls: list[str], decode, transform, *, batch_size: int, batches_per_worker: int,
-                 resampled: bool, rank: int, world: int, workers: int, seed: int,
-                 shuffle_buffer: int) -> wds.DataPipeline:
-    counter = SkipCounter()
-    if resampled:
-        shards = [wds.ResampledShards(urls, seed=seed, worker_seed=StreamSeed(rank), deterministic=True)]
-    else:
-        if len(urls) < world * max(1, workers):
+    def __init__(self, urls: list[str], decode, transform, *, batch_size: int, batches_per_worker: int,
+                 resampled: bool, rank: int, world: int, workers: int, seed: int, shuffle_buffer: int,
+                 max_consecutive_bad: int | None = None, first_epoch: int = 0,
+                 resume: dict[int, tuple[int, int]] | None = None):
+        if not resampled and len(urls) < world * max(1, workers):
             raise ConfigError(f"data.train_shards: {len(urls)} shards cannot be split over {world} ranks x "
                               f"{max(1, workers)} workers; use more shards or data.resampled: true")
-        shards = [wds.SimpleShardList(urls), SplitByRank(rank, world), wds.split_by_worker,
-                  SeededShuffle(len(urls), seed, rank)]
-    sample_shuffle = [SeededShuffle(shuffle_buffer, seed, rank)] if shuffle_buffer > 1 else []
-    return wds.DataPipeline(
-        *shards, partial(read_tar_samples, on_error=counter.skip), *sample_shuffle,
-        *_samples_to_batches(counter, decode, transform, batch_size, partial_batches=False),
-    ).with_epoch(nbatches=batches_per_worker)
+        self.urls, self.decode, self.transform = urls, decode, transform
+        self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
+        self.resampled, self.rank, self.world, self.workers = resampled, rank, world, max(1, workers)
+        self.seed, self.shuffle_buffer, self.max_consecutive_bad = seed, shuffle_buffer, max_consecutive_bad
+        self.first_epoch, self.resume, self.epochs_started = first_epoch, resume or {}, 0
+        self.next_turn = sum(batches for batches, _ in self.resume.values()) % self.workers
+
+    def __iter__(self):
+        epoch = self.first_epoch + self.epochs_started
+        self.epochs_started += 1
+        worker = worker_id()
+        if epoch == self.first_epoch:
+            worker = (worker + self.next_turn) % self.workers
+        delivered, read = self.resume.get(worker, (0, 0)) if epoch == self.first_epoch else (0, 0)
+        seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker)
+        counter = SkipCounter("data.train_shards", self.max_consecutive_bad)
+        position = read
+
+        def examples():
+            nonlocal position
+            for index, raw in itertools.islice(enumerate(self._raw_samples(seed, worker, counter)), read, None):
+                position = index + 1
+                try:
+                    example = self.transform(self.decode(raw), seed=wds.utils.make_seed(seed, index))
+                except ConfigError:
+                    raise
+                except Exception as e:  # noqa: BLE001 — any broken sample is skipped and counted
+                    counter.skip(e)
+                    continue
+                yield counter.good(example)
+
+        # Batched here, not with wds.batched: that reads the next batch's first sample before it yields, and
+        # `position` must end at this batch's last one.
+        examples, batch, n = examples(), [], delivered
+        while n < self.batches_per_worker:
+            batch.append(next(examples))
+            if len(batch) == self.batch_size:
+                n += 1
+                out = wds.filters.default_collation_fn(batch)
+                out["stream"] = torch.tensor([epoch, worker, n, position])
+                yield counter.attach(out)
+                batch = []
+
+    def _raw_samples(self, seed: int, worker: int, counter: SkipCounter):
+        """Endless raw samples of this (rank, worker, epoch): shards drawn or passes over its own shards."""
+        for shards, shuffle_seed in self._shards(seed, worker):
+            samples = self._read(shards, counter)
+            if self.shuffle_buffer > 1:
+                samples = wds.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                              rng=random.Random(shuffle_seed))(samples)
+            yield from samples
+
+    def _shards(self, seed: int, worker: int):
+        if self.resampled:  # one endless pass of shards drawn with replacement
+            rng = random.Random(seed)
+            yield (rng.choice(self.urls) for _ in itertools.count()), wds.utils.make_seed(seed, 1)
+            return
+        own = self.urls[self.rank::self.world][worker::self.workers]
+        for n in itertools.count():
+            order = list(own)
+            random.Random(wds.utils.make_seed(seed, n)).shuffle(order)
+            yield order, wds.utils.make_seed(seed, n, 1)
+
+    @staticmethod
+    def _read(shards, counter: SkipCounter):
+        """Samples of the shards in turn; a shard with none in it counts as a bad sample (or every shard
+        of a data set of empty shards would be read forever)."""
+        for url in shards:
+            before, found = counter.consecutive, False
+            for sample in read_tar_samples([{"url": url}], on_error=counter.skip):
+                found = True
+                yield sample
+            if not found and counter.consecutive == before:  # no error was reported for it either
+                counter.skip(BadSample(f"{url}: no samples in shard"))
 
 
 def val_batches_per_rank(samples: int, world: int, batch_size: int) -> int:
@@ -121,8 +184,9 @@ def val_batches_per_rank(samples: int, world: int, batch_size: int) -> int:
 
 def val_stream(urls: list[str], decode, transform, *, batch_size: int, batches: int, rank: int,
                world: int) -> wds.DataPipeline:
-    counter = SkipCounter()
+    counter = SkipCounter("data.val_shards")
     return wds.DataPipeline(
         wds.SimpleShardList(urls), partial(read_tar_samples, on_error=counter.skip), SplitByRank(rank, world),
-        *_samples_to_batches(counter, decode, transform, batch_size, partial_batches=True),
+        wds.map(decode, handler=counter.skip), wds.map(transform, handler=counter.skip),
+        wds.batched(batch_size, partial=True), wds.map(counter.attach),
     ).with_epoch(nbatches=batches)
