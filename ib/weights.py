@@ -123,7 +123,7 @@ def write_weights(state: dict[str, torch.Tensor], hparams: dict, out: str | Path
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp,
                   metadata={CONFIG_KEY: json.dumps(hparams)})
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp and safetensors both make the file private
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException:

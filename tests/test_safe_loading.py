@@ -19,7 +19,7 @@ from ib.metrics.backbones import ClipBackbone, ClipBackboneConfig, DinoBackbone,
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig, create_open_clip
 from ib.weights import CONFIG_KEY, read_weights, write_weights
-from tests.conftest import ROOT, build_tiny_model, default_config, run_config
+from tests.conftest import ROOT, build_tiny_model, default_config, edit_config, run_config
 
 DREAMBENCH = ROOT.parent / "shared" / "dreambench"
 
@@ -134,6 +134,23 @@ def test_fit_refuses_checkpoint_whose_hyper_parameters_unlock_pickles(tmp_path, 
     msg = one_line_error(capsys, ["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
     assert msg == "ib: error: model.image_encoder.overrides.weights_only: not an allowed field"
     assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("model.image_encoder.overrides.weights_only", False, "model.image_encoder.overrides.weights_only"),
+    ("model.ldm.text_encoder.attn_implementation", "kernels-community/x", "model.ldm.text_encoder.attn_implementation"),
+])
+def test_fit_config_outside_the_allow_lists(tmp_path, synthetic_shards, field, value, named, capsys):
+    """The same allow-lists for a config file as for a stored config."""
+    config = edit_config(run_config(tmp_path, synthetic_shards), {field: value})
+    assert one_line_error(capsys, ["fit", "--config", str(config)]) == f"ib: error: {named}: not an allowed field"
+    assert not (tmp_path / "run").exists()
+
+
+def test_toy_base_module_refuses_unknown_ldm_fields(tmp_path):
+    from ib.toy.base_module import ToyBaseModule
+    with pytest.raises(ConfigError, match=r"^model\.ldm\.unet2: not an allowed field$"):
+        ToyBaseModule({"unet2": {}}, str(tmp_path / "out"))
 
 
 def test_export_refuses_checkpoint_whose_hyper_parameters_unlock_pickles(tmp_path, state, capsys):
