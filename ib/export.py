@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ib.errors import ConfigError
-from ib.weights import read_weights, write_weights
+from ib.weights import check_finite, read_weights, write_weights
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -26,8 +26,9 @@ def export(ckpt: str, out: Path, dtype: str = "fp32") -> Path:
         raise ConfigError(f"--out: must end in .safetensors: {out}")
     if out.is_dir():
         raise ConfigError(f"--out: is a folder: {out}")
-    hparams, state = read_weights(ckpt, "--ckpt")
+    hparams, state = read_weights(ckpt, "--ckpt")  # refuses unsafe configs and NaN / inf weights
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+    check_finite(state, f"--dtype {dtype}: {{key}} does not fit {dtype} (values overflow to inf)")
     write_weights(state, hparams, out)  # atomic: never a half-written file under the final name
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out}: {n:,} trainable parameters, {out.stat().st_size / 2**20:.1f} MiB ({dtype})")

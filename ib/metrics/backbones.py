@@ -20,6 +20,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+from ib.allow_list import check_fields, fields
 from ib.errors import ConfigError
 from ib.models.image_encoder import ImageEncoderConfig, create_open_clip
 
@@ -29,11 +30,19 @@ DINO_CROP_FRACTION = 224 / 256
 Images = torch.Tensor | list[torch.Tensor]
 
 
+# timm ViT create_model overrides: the architecture's numbers only. Not pretrained, checkpoint_path,
+# pretrained_cfg(_overlay), cache_dir (timm would read files its own way) nor layer classes given by name.
+TIMM_VIT_OVERRIDES = fields("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                            "qkv_bias", "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values",
+                            "class_token", "pos_embed", "no_embed_class", "reg_tokens", "pre_norm", "final_norm",
+                            "fc_norm", "pool_include_prefix", "dynamic_img_size", "dynamic_img_pad")
+
+
 @dataclass
 class ClipBackboneConfig:
     """model_name: an open_clip architecture (protocol: ViT-B-32). pretrained: an open_clip tag ('openai')
     or a checkpoint file; null builds random weights (from `seed`, so runs compare). overrides: create_model
-    kwargs (tiny towers)."""
+    kwargs (tiny towers), within image_encoder.OPEN_CLIP_OVERRIDES."""
     model_name: str = "ViT-B-32"
     pretrained: str | None = "openai"
     overrides: dict = field(default_factory=dict)
@@ -45,14 +54,21 @@ class DinoBackboneConfig:
     """model_name: a timm ViT (protocol: vit_small_patch16_224, i.e. DINO ViT-S/16). weights: a local file,
     original DINO layout (dino_deitsmall16_pretrain.pth, or a training checkpoint's teacher) or timm's
     (.pth/.safetensors); null builds random weights (from `seed`, so runs compare). overrides: create_model
-    kwargs (tiny towers). resize/crop: shorter side, then centre crop; null: crop = the model's input size,
-    resize = crop / 0.875."""
+    kwargs (tiny towers), within TIMM_VIT_OVERRIDES. resize/crop: shorter side, then centre crop; null: crop =
+    the model's input size, resize = crop / 0.875."""
     model_name: str = "vit_small_patch16_224"
     weights: str | None = None
     overrides: dict = field(default_factory=dict)
     resize: int | None = None
     crop: int | None = None
     seed: int = 0
+
+    def check(self, field_name: str = "dino") -> None:
+        """A timm architecture by name ('hf-hub:' / 'local-dir:' would read its config elsewhere), allowed
+        overrides only; `weights` is read weights-only."""
+        if not isinstance(self.model_name, str) or not timm.is_model(self.model_name):
+            raise ConfigError(f"{field_name}.model_name: '{self.model_name}' is not a timm architecture")
+        check_fields(self.overrides, TIMM_VIT_OVERRIDES, f"{field_name}.overrides")
 
 
 class Preprocess(nn.Module):
@@ -167,6 +183,7 @@ class DinoBackbone(_FrozenBackbone):
     def __init__(self, cfg: DinoBackboneConfig | None = None, field_name: str = "dino"):
         super().__init__()
         cfg = cfg or DinoBackboneConfig()
+        cfg.check(field_name)
         if cfg.weights and not Path(cfg.weights).is_file():
             raise ConfigError(f"{field_name}.weights: file not found: {cfg.weights}")
         try:

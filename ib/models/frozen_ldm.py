@@ -4,6 +4,7 @@ One code path loads a diffusers-layout model from a hub id or a local folder; wi
 built with random weights from architecture configs (the tiny embedded default, or full SD 1.5 shapes for
 benchmarks).
 """
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,8 +14,22 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ib.allow_list import check_fields, fields, init_fields
 from ib.errors import ConfigError
 from ib.models.tokenizer import offline_clip_tokenizer
+
+# The architecture dicts may come from a file someone else wrote (checkpoint, export): architecture fields only.
+# The diffusers constructors take nothing else, so their own parameters are the allow-list; transformers'
+# config base class also takes loading switches (attn_implementation can fetch kernels from the hub).
+ARCHITECTURE_FIELDS = {
+    "unet": init_fields(UNet2DConditionModel),
+    "vae": init_fields(AutoencoderKL),
+    "scheduler": init_fields(DDPMScheduler),
+    "text_encoder": fields("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                           "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+                           "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id",
+                           "bos_token_id", "eos_token_id"),
+}
 
 
 @dataclass
@@ -30,6 +45,13 @@ class LDMConfig:
     text_encoder: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
     init_seed: int = 0  # random weights are a function of this seed: a checkpoint rebuilds the same frozen parts
+
+    def check(self, field_name: str = "model.ldm") -> None:
+        """Architecture fields within ARCHITECTURE_FIELDS; `pretrained` a name, loaded weights-only."""
+        if self.pretrained is not None and not isinstance(self.pretrained, str):
+            raise ConfigError(f"{field_name}.pretrained: must be a hub id or a folder, got {self.pretrained!r}")
+        for name, allowed in ARCHITECTURE_FIELDS.items():
+            check_fields(getattr(self, name), allowed, f"{field_name}.{name}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -76,6 +98,7 @@ class FrozenLDM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: LDMConfig) -> "FrozenLDM":
+        cfg.check()
         if cfg.pretrained:
             return cls._load(cfg.pretrained)
         for name in ("unet", "vae", "text_encoder"):
@@ -98,12 +121,17 @@ class FrozenLDM(nn.Module):
         if missing_pretrained_folder(name):
             raise ConfigError(f"model.ldm.pretrained: folder not found: {name}")
         src = str(path) if path.is_dir() else name
+        # Weights: safetensors, else a .bin read with torch.load(weights_only=True) (diffusers always does;
+        # transformers is told so), so a pickle that needs code to load is refused, never run.
         try:
             unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
             vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
-            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder")
+            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", weights_only=True)
             tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+        except pickle.UnpicklingError as e:
+            raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': a weights file is not weights-only "
+                              f"(it holds more than tensors; loading it could run code): refused") from e
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': {first}") from e

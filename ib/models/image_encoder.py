@@ -4,6 +4,7 @@ One forward yields both the pooled, projected global feature (concept encoder in
 tokens of the last block (patch encoder input): the maths of two identical frozen encoders at half the cost.
 """
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,17 +13,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ib.allow_list import check_fields, fields
 from ib.errors import ConfigError
+
+# open_clip tower fields (CLIPVisionCfg / CLIPTextCfg) that only shape the architecture. Left out on purpose:
+# timm_* and hf_* (a timm / transformers tower that fetches its own weights), tokenizer settings, act/norm kwargs.
+_TOWER = ("layers", "width", "mlp_ratio", "ls_init_value", "pool_type", "final_ln_after_pool", "output_tokens",
+          "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+# create_model overrides: the architecture only. Not weights_only, jit, pretrained_*_path, cache_dir...: those
+# make open_clip read files its own way (torch.load(weights_only=False) runs a planted pickle).
+OPEN_CLIP_OVERRIDES = {
+    **fields("embed_dim", "quick_gelu", "init_logit_scale", "init_logit_bias", "nonscalar_logit_scale",
+             "force_quick_gelu", "force_image_size", "force_context_length", "force_patch_dropout"),
+    "vision_cfg": fields(*_TOWER, "head_width", "patch_size", "image_size", "patch_dropout", "attentional_pool",
+                         "attn_pooler_queries", "attn_pooler_heads", "no_ln_pre", "pos_embed_type"),
+    "text_cfg": fields(*_TOWER, "context_length", "vocab_size", "heads", "embed_cls", "pad_id", "eos_id",
+                       "no_causal_mask", "proj_bias", "proj_type"),
+}
 
 
 @dataclass
 class ImageEncoderConfig:
     """model_name: an open_clip architecture; pretrained: an open_clip tag ('openai') or a checkpoint
-    file; null builds random weights. overrides: create_model kwargs (tiny towers: embed_dim, vision_cfg...)."""
+    file; null builds random weights. overrides: create_model kwargs (tiny towers: embed_dim, vision_cfg...),
+    within OPEN_CLIP_OVERRIDES."""
     model_name: str = "ViT-L-14"
     pretrained: str | None = None
     overrides: dict = field(default_factory=dict)
     init_seed: int = 0  # random weights are a function of this seed (reproducible across processes)
+
+    def check(self, field_name: str = "model.image_encoder") -> None:
+        """A built-in architecture ('hf-hub:' / 'local-dir:' would take it, and weights, from elsewhere) and
+        allowed overrides only: this config may come from a file someone else wrote."""
+        if not isinstance(self.model_name, str) or self.model_name not in open_clip.list_models():
+            raise ConfigError(f"{field_name}.model_name: '{self.model_name}' is not a built-in open_clip architecture")
+        if self.pretrained is not None and not isinstance(self.pretrained, str):
+            raise ConfigError(f"{field_name}.pretrained: must be a tag or a file path, got {self.pretrained!r}")
+        check_fields(self.overrides, OPEN_CLIP_OVERRIDES, f"{field_name}.overrides")
 
 
 def missing_checkpoint_file(pretrained: str | None) -> bool:
@@ -32,6 +59,7 @@ def missing_checkpoint_file(pretrained: str | None) -> bool:
 
 def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_encoder"):
     """open_clip model from a tag or a local file, with a one-line error naming the field."""
+    cfg.check(field_name)
     if missing_checkpoint_file(cfg.pretrained):
         raise ConfigError(f"{field_name}.pretrained: file not found: {cfg.pretrained}")
     # open_clip warns on every random init; for the embedded default that is expected, not news.
@@ -41,7 +69,11 @@ def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_enc
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.init_seed)
-            return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, **cfg.overrides)
+            return open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained, weights_only=True,
+                                          **cfg.overrides)
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) met something that is not a tensor
+        raise ConfigError(f"{field_name}.pretrained: {cfg.pretrained} is not a weights-only checkpoint (it holds more "
+                          f"than tensors; loading it could run code): refused") from e
     except RuntimeError as e:
         raise ConfigError(f"{field_name}: cannot build '{cfg.model_name}' from '{cfg.pretrained}': "
                           f"{str(e).splitlines()[0]}") from e

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from ib.allow_list import dataclass_from
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.identifier import strip_identifier
 
@@ -18,7 +19,7 @@ class ToyBaseModule(L.LightningModule):
     def __init__(self, ldm: LDMConfig, output_dir: str, identifier: str = "sks", vae_steps: int = 1000,
                  lr_vae: float = 1e-3, lr_unet: float = 5e-4, kl_weight: float = 1e-6, caption_dropout: float = 0.1):
         super().__init__()
-        ldm = ldm if isinstance(ldm, LDMConfig) else LDMConfig(**ldm)
+        ldm = ldm if isinstance(ldm, LDMConfig) else dataclass_from(LDMConfig, ldm, "model.ldm")  # from a checkpoint
         self.save_hyperparameters({"ldm": asdict(ldm), "output_dir": output_dir, "identifier": identifier,
                                    "vae_steps": vae_steps, "lr_vae": lr_vae, "lr_unet": lr_unet,
                                    "kl_weight": kl_weight, "caption_dropout": caption_dropout})
