@@ -13,5 +13,9 @@ class ConfigError(ValueError):
         super().__init__(message)
 
 
+class StorageError(ConfigError):
+    """A write the file system refused (full disk, quota, read-only); the previous file is kept. Exit code 2."""
+
+
 class NonFiniteLossError(RuntimeError):
     """Training stopped by the NaN / inf guard (ib.nonfinite) after a checkpoint of the last good state. Exit 1."""

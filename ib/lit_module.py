@@ -3,6 +3,7 @@ from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
 from ib.errors import ConfigError
@@ -62,7 +63,7 @@ class InstantBoothModule(L.LightningModule):
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
-        self.skipped_samples = 0  # since this process started
+        self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters)
 
@@ -130,6 +131,21 @@ class InstantBoothModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self):
+        # A resumed run gets the optimizer and scheduler of its checkpoint, learning rates included: apply the
+        # config's instead, so changing them on resume works, and say so.
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        configured = {"heads": self.optim.lr_heads, "adapters": self.optim.lr_adapters}
+        for i, group in enumerate(optimizer.param_groups):
+            lr, was = configured[group["name"]], scheduler.base_lrs[i]
+            if lr != was or group["weight_decay"] != self.optim.weight_decay:
+                rank_zero_info(f"model.optim: {group['name']} learning rate {was:g} -> {lr:g}, weight decay "
+                               f"{group['weight_decay']:g} -> {self.optim.weight_decay:g} from step {self.global_step}")
+            scheduler.base_lrs[i] = group["initial_lr"] = lr
+            group["lr"] = lr * scheduler.lr_lambdas[i](scheduler.last_epoch)
+            group["weight_decay"] = self.optim.weight_decay
+
     def on_before_optimizer_step(self, optimizer):
         # Gradients are final here (after DDP's all-reduce, before clipping): skip the step if non-finite.
         self.nonfinite.check(optimizer, self.global_step + 1)
@@ -139,9 +155,14 @@ class InstantBoothModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
         checkpoint["nonfinite_steps"] = self.nonfinite.total
+        # Every rank's count summed (this hook runs on all ranks); a resumed rank 0 carries it on.
+        mine = torch.tensor(float(self.skipped_samples), device=self.device)
+        total = self.trainer.strategy.reduce(mine, reduce_op="sum")
+        checkpoint["skipped_samples"] = int(total.item())
 
     def on_load_checkpoint(self, checkpoint):
         self.nonfinite.total = checkpoint.get("nonfinite_steps", 0)
+        self.skipped_samples = checkpoint.get("skipped_samples", 0) if self.trainer.is_global_zero else 0
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state = {k.removeprefix("model."): v for k, v in state_dict.items()}

@@ -4,8 +4,6 @@ Both hold the trainable weights and the config that rebuilds the frozen parts (h
 is someone else's input: it is checked against the configs' allow-lists before anything is built.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ib.allow_list import dataclass_from
+from ib.atomic_write import atomic_path
 from ib.errors import ConfigError
 from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
@@ -113,29 +112,11 @@ def load_instantbooth(path: str | Path) -> tuple[InstantBooth, dict]:
 
 
 def write_weights(state: dict[str, torch.Tensor], hparams: dict, out: str | Path) -> Path:
-    """Trainable weights as safetensors, the rebuild config in its metadata. Atomic: a temp file in the same
-    folder, renamed over `out` once complete (a failure leaves neither); the usual mode (0666 & ~umask)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Trainable weights as safetensors, the rebuild config in its metadata; atomic, with the usual mode."""
+    with atomic_path(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp,
                   metadata={CONFIG_KEY: json.dumps(hparams)})
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp and safetensors both make the file private
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return Path(out)
 
 
 def export_weights(model: InstantBooth, hparams: dict, out: str | Path) -> Path:

@@ -1,4 +1,9 @@
 """Real Trainer fits through the real CLI: checkpoints in the run folder, resume at the saved step."""
+import logging
+import shutil
+import subprocess
+import sys
+
 import lightning as L
 import pytest
 import torch
@@ -6,7 +11,7 @@ import torch
 from ib.cli import InstantBoothCLI, main
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
-from tests.conftest import edit_config, run_config
+from tests.conftest import ROOT, edit_config, run_config, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +73,96 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, synthetic_
     assert err[-1].startswith("ib: error: checkpoint: weights do not fit this model:"), err[-3:]
     assert "expected (64," in err[-1]
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 2  # left alone
+
+
+def test_full_disk_keeps_last_ckpt_and_says_so(tmp_path, synthetic_shards):
+    config = run_config(tmp_path, synthetic_shards, max_steps=2, val_check_interval=1000)
+    config = edit_config(config, checkpoint={"every_n_train_steps": 1000})  # only last.ckpt, at the end
+    assert main(["fit", "--config", str(config)]) == 0
+    folder = tmp_path / "run" / "checkpoints"
+    last = folder / "last.ckpt"
+    good = last.read_bytes()
+    # A real full disk: a tmpfs over the checkpoint folder with room for the old last.ckpt, not a new one.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={len(good) + 64 * 1024}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        last.write_bytes(good)
+        result = subprocess.run([sys.executable, "-m", "ib.cli", "fit", "--config", str(config), "--ckpt_path", "last",
+                                 "--trainer.max_steps", "4"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 2, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line == (f"ib: error: checkpoint: cannot write {last}: No space left on device; "
+                        "the previous last.ckpt is kept")
+        assert last.read_bytes() == good
+        assert [p.name for p in folder.iterdir()] == ["last.ckpt"]  # no temp file
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_resume_cleans_stale_temp_files_and_keeps_one_last_ckpt_after_a_move(tmp_path, synthetic_shards):
+    """A save killed mid-write (SIGKILL) leaves its temp file; a run folder moved between runs used to get a
+    last-v1.ckpt beside a stale last.ckpt."""
+    config = run_config(tmp_path, synthetic_shards, max_steps=2, val_check_interval=1000)
+    assert main(["fit", "--config", str(config)]) == 0
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    config = edit_config(config, fields={"trainer.default_root_dir": str(moved),
+                                         "trainer.logger.init_args.save_dir": str(moved)},
+                         checkpoint={"dirpath": str(moved / "checkpoints")})
+    stale = moved / "checkpoints" / ".last.ckpt.k1ll3d.tmp"  # the name SafeCheckpointIO's temp files get
+    stale.write_bytes((moved / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"], names
+    assert torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+class RecordTraining(L.Callback):
+    def __init__(self):
+        self.lrs, self.skipped = [], []
+
+    def on_train_start(self, trainer, pl_module):
+        self.skipped.append(pl_module.skipped_samples)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
+        self.skipped.append(pl_module.skipped_samples)
+
+
+def test_resume_applies_changed_learning_rates_and_carries_skip_counts(tmp_path, synthetic_shards, caplog):
+    # A shard of undecodable samples beside the good ones: every step skips some.
+    import webdataset as wds
+    shards = tmp_path / "shards"
+    shutil.copytree(synthetic_shards / "train", shards)
+    with wds.TarWriter(str(shards / "bad.tar")) as sink:
+        for i in range(8):
+            sink.write({"__key__": f"bad{i}", "jpg": b"not a jpeg", "png": b"x", "txt": "a ball", "json": "{}"})
+    config = edit_config(run_config(tmp_path, synthetic_shards, max_steps=3, val_check_interval=1000),
+                         fields={"data.train_shards": str(shards), "model.optim.warmup_steps": 0})
+    first = RecordTraining()
+    cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
+                          save_config_kwargs={"overwrite": True}, args=["--config", str(config)])
+    cli.trainer.callbacks.append(first)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["skipped_samples"] == first.skipped[-1] > 0
+
+    resumed = RecordTraining()
+    cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
+                          save_config_kwargs={"overwrite": True},
+                          args=["--config", str(config), "--trainer.max_steps", "5",
+                                "--model.optim.lr_heads", "0.002", "--model.optim.lr_adapters", "0.0003"])
+    cli.trainer.callbacks.append(resumed)
+    with caplog.at_level(logging.INFO):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path="last")
+    assert first.lrs[-1] == {"heads": 1e-3, "adapters": 1e-4}
+    assert resumed.lrs == [{"heads": 2e-3, "adapters": 3e-4}] * 2  # was: the checkpoint's 1e-3 / 1e-4
+    assert "heads learning rate 0.001 -> 0.002" in caplog.text
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == [2e-3, 3e-4]
+    # The skip count goes on from the checkpoint's (it restarted at 0).
+    assert resumed.skipped[0] == saved["skipped_samples"]
+    assert ckpt["skipped_samples"] == resumed.skipped[-1] > saved["skipped_samples"]

@@ -6,11 +6,16 @@ Preemption (SIGTERM, or the cluster's early warning; see ib.preemption) stops ev
 step with Lightning's SIGTERMException; that state, and the one the NaN guard stops at, is saved as
 last.ckpt, which `--ckpt_path last` resumes from. Other exceptions can come from the middle of a step, so
 they leave the last periodic checkpoint alone.
+At the start it removes temp files of saves that a killed job left (SafeCheckpointIO writes through one), and
+a resumed run replaces the folder's own last.ckpt even when the folder was moved since it was written.
 """
+import os
+
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ib.atomic_write import remove_stale_temp_files
 from ib.errors import NonFiniteLossError
 from ib.preemption import StopSignals, requeue_slurm_job
 
@@ -25,6 +30,19 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args, requeue_signal: str | None = "SIGUSR1", **kwargs):
         super().__init__(*args, **kwargs)
         self.signals = StopSignals(requeue_signal)
+
+    def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            for p in remove_stale_temp_files(self.dirpath, self.FILE_EXTENSION):
+                rank_zero_warn(f"removed {p}, left by a checkpoint save that was killed")
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Stock ModelCheckpoint forgets last_model_path when the folder moved (a copy, another mount point) and
+        # then writes last-v1.ckpt beside a stale last.ckpt. The run resumed from this folder's last.ckpt.
+        if self.dirpath and self.save_last:
+            self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
 
     def on_train_start(self, trainer, pl_module):
         self.signals.install()  # after Lightning registered its handlers: these replace them during training

@@ -1,0 +1,64 @@
+"""Files that appear whole or not at all: a temp file next to the target, fsynced, then renamed over it.
+
+A reader (or a resumed run) sees the old file or the new one, never half of one. A process killed mid-write
+(SIGKILL, OOM, a node failure) leaves its temp file behind; `remove_stale_temp_files` clears those at the
+next start.
+"""
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yields a temp path in `path`'s folder to write to; on success it gets the usual mode (0666 & ~umask;
+    mkstemp and safetensors make files private), is fsynced and renamed over `path`. On failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def remove_stale_temp_files(folder: str | Path, suffix: str = "") -> list[Path]:
+    """Delete temp files that `atomic_path` left in `folder` for targets ending in `suffix` (a killed write)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(folder.glob(f"{_temp_prefix('*' + suffix)}*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some file systems do not let a folder be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
