@@ -284,12 +284,13 @@ def test_a_stream_with_nothing_good_stops_with_one_line(tmp_path, workers):
         assert "data.max_consecutive_bad" in message
 
 
-def test_resumed_stream_continues_where_the_delivered_batches_end(synthetic_shards, corrupt_shards):
+@pytest.mark.parametrize("resampled", [True, False])
+def test_resumed_stream_continues_where_the_delivered_batches_end(synthetic_shards, corrupt_shards, resampled):
     """Positions recorded from the batches (as a checkpoint keeps them) restart every worker exactly there,
     bad samples included: the rest of the epoch and the next epoch are the uninterrupted ones."""
     folder = corrupt_shards[0]
     for shards in (synthetic_shards / "train", folder):
-        kw = dict(image_size=16, reference_size=16, batch_size=2, batches_per_epoch=6,
+        kw = dict(image_size=16, reference_size=16, batch_size=2, batches_per_epoch=6, resampled=resampled,
                   loader={"num_workers": 2, "shuffle_buffer": 4, "seed": 3})
         full = InstantBoothDataModule(str(shards), **kw)
         loader = full.train_dataloader()

@@ -103,9 +103,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.urls, self.decode, self.transform = urls, decode, transform
         self.batch_size, self.batches_per_worker = batch_size, batches_per_worker
         self.resampled, self.rank, self.world, self.workers = resampled, rank, world, max(1, workers)
-        self.seed, self.shuffle_buffer, self.max_consecutive_bad = seed, shuffle_buffer, max_consecutive_bad
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.first_epoch, self.resume, self.epochs_started = first_epoch, resume or {}, 0
         self.next_turn = sum(batches for batches, _ in self.resume.values()) % self.workers
+        # One per process (each worker has its own copy), across epochs: skips after an epoch's last batch
+        # are reported with the next epoch's first.
+        self.counter = SkipCounter("data.train_shards", max_consecutive_bad)
 
     def __iter__(self):
         epoch = self.first_epoch + self.epochs_started
@@ -115,8 +118,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             worker = (worker + self.next_turn) % self.workers
         delivered, read = self.resume.get(worker, (0, 0)) if epoch == self.first_epoch else (0, 0)
         seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker)
-        counter = SkipCounter("data.train_shards", self.max_consecutive_bad)
-        position = read
+        counter, position = self.counter, read
 
         def examples():
             nonlocal position
