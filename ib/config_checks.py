@@ -210,3 +210,16 @@ def check_creatable_folder(folder: Path, flag: str) -> None:
             if not os.access(path, os.W_OK | os.X_OK):
                 raise ConfigError(f"{flag}: {path} is not writable")
             return
+
+
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """A device this machine has; checked before the model loads."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"{flag}: {_one_line(e)}") from e
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{flag}: {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag}: {name}: MPS is not available on this machine")
+    return device

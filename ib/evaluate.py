@@ -22,14 +22,14 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, reference_images, to_tensor  # noqa: E402
-from ib.config_checks import OneLineParser, check_creatable_folder  # noqa: E402
+from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
 from ib.generate import sampling_from_args  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.models.identifier import strip_identifier  # noqa: E402
 from ib.models.sampler import SCHEDULERS, SamplingConfig, sample  # noqa: E402
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset  # noqa: E402
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset  # noqa: E402
 from ib.weights import load_instantbooth  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
@@ -174,10 +174,11 @@ def evaluate(args) -> dict:
     bench: DreamBench = read_dreambench(args.data)
     subjects = bench.subjects[:args.max_subjects]
     clip_cfg, dino_cfg = backbone_configs(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    speed = getattr(args, "speed", None) or default_preset(device.type)
+    check_speed_preset(speed, device)
 
     model, hparams = load_instantbooth(args.weights)
-    speed = getattr(args, "speed", None) or default_preset(device.type)
     apply_speed_preset(model, speed, device)
     model.to(device)
     identifier = model.identifier

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
-from ib.config_checks import OneLineParser, check_creatable_folder
+from ib.config_checks import OneLineParser, check_creatable_folder, check_device
 from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
 from ib.models.identifier import contains_identifier
 from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling, sample
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset
 from ib.references import load_references
 from ib.weights import load_instantbooth
 
@@ -63,6 +63,9 @@ def run(args) -> list[Path]:
             raise ConfigError(f"{flag(name)}: must be >= 1, got {getattr(args, name)}")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
     check_creatable_folder(args.out, "--out")
+    check_device(args.device)
+    speed = args.speed or default_preset(args.device)
+    check_speed_preset(speed, args.device)
     model, hparams = load_instantbooth(args.weights)
     if not contains_identifier(args.prompt, model.identifier):
         raise ConfigError(f"--prompt: does not contain the identifier '{model.identifier}' (e.g. 'a photo of a "
@@ -75,7 +78,6 @@ def run(args) -> list[Path]:
         except MaskError as e:
             raise ConfigError(f"--mask-backend: {e}") from e
     refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
-    speed = args.speed or default_preset(args.device)
     apply_speed_preset(model, speed, args.device)
     model.to(args.device)
 

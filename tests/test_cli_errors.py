@@ -184,6 +184,16 @@ def test_generate_out_under_a_file_refused_before_sampling(tmp_path, weights, ph
     assert (tmp_path / "file").read_text() == "x"
 
 
+@pytest.mark.parametrize("flags", [["--device", "gpu"], ["--device", "cuda:99"], ["--speed", "graphs", "--device", "cpu"]])
+def test_generate_device_refused_before_the_model_loads(flags, tmp_path, weights, photo, capsys, monkeypatch):
+    import ib.generate
+    monkeypatch.setattr(ib.generate, "load_instantbooth", lambda *a: pytest.fail("the model was loaded"))
+    msg = _one_line(capsys, ["generate", "--weights", str(weights), "--ref", photo, "--prompt", "a sks dog",
+                             "--out", str(tmp_path / "o"), *flags])
+    assert msg.startswith(f"ib: error: {flags[0]}"), msg
+    assert not (tmp_path / "o").exists()
+
+
 def test_generate_negative_seed_and_odd_batch(tmp_path, weights, photo):
     """Negative seeds are valid generator seeds; a last batch smaller than --batch-size is fine."""
     out = tmp_path / "out"

@@ -158,12 +158,18 @@ def default_preset(device: str) -> str:
     return "graphs" if str(device).startswith("cuda") else "off"
 
 
-def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
-    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
+def check_speed_preset(preset: str, device) -> None:
+    """`preset` of SPEED_PRESETS on `device`, checked before the model loads; errors name `--speed`."""
     try:
-        apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
+        check_speed(SPEED_PRESETS[preset], torch.device(device).type)
     except ConfigError as e:
         raise ConfigError(f"--speed {preset}: {e}") from e
+
+
+def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
+    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
+    check_speed_preset(preset, device)
+    apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
     return SPEED_PRESETS[preset]
 
 
