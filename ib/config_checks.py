@@ -90,12 +90,14 @@ def _accelerator(cfg: Namespace) -> str | None:
     name = _get(cfg, "trainer.accelerator")
     if not isinstance(name, str):
         return None
+    # Lightning's own availability checks: they do not initialise CUDA in this process (DDP forks it).
+    gpus = [n for n in ("cuda", "mps") if AcceleratorRegistry[n]["accelerator"].is_available()]
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        name = (gpus or ["cpu"])[0]
     elif name == "gpu":
-        name = "mps" if torch.backends.mps.is_available() else "cuda"
-        if not AcceleratorRegistry[name]["accelerator"].is_available():
-            raise ConfigError("trainer.accelerator: gpu: this machine has no GPU (torch.cuda.is_available() is False)")
+        if not gpus:
+            raise ConfigError("trainer.accelerator: gpu: this machine has no GPU (neither CUDA nor MPS)")
+        name = gpus[0]
     if name not in AcceleratorRegistry:
         raise ConfigError(f"trainer.accelerator: unknown '{name}' (one of auto, gpu, "
                           f"{', '.join(sorted(AcceleratorRegistry.available_accelerators()))})")

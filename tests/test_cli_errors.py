@@ -80,6 +80,23 @@ def test_fit_refuses_betas_above_1_from_the_config_file(tmp_path, synthetic_shar
     assert not (tmp_path / "run").exists()
 
 
+def test_image_size_checked_against_a_pretrained_folders_vae(tmp_path, synthetic_shards, no_model_build, capsys):
+    """The VAE factor of a diffusers folder comes from its vae/config.json, read without building anything."""
+    from ib.models.frozen_ldm import FrozenLDM, LDMConfig
+    folder = tmp_path / "ldm"
+    FrozenLDM.from_config(LDMConfig(**default_config()["model"]["ldm"])).save_pretrained(folder)
+    config = run_config(tmp_path, synthetic_shards)
+    args = ["fit", "--config", str(config), "--model.ldm.pretrained", str(folder), "--data.image_size"]
+    assert main([*args, "66"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "ib: error: data.image_size: must be a multiple of 4 (the VAE's downsampling factor), got 66")
+    (folder / "vae" / "config.json").write_text("{broken")
+    assert main([*args, "64"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("ib: error: model.ldm.pretrained: cannot read") and "config.json" in last, last
+    assert not (tmp_path / "run").exists()
+
+
 def test_dict_fields_on_the_command_line_are_yaml_scalars(tmp_path, synthetic_shards):
     """`--model.ldm.scheduler.beta_end 0.02` is the float 0.02 (jsonargparse hands plain-dict values over as
     strings), and the model is built with it."""

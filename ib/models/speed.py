@@ -87,13 +87,14 @@ def check_speed(cfg: SpeedConfig | dict | None, device_type: str | None = None, 
     if cfg.native_frozen_compute and cfg.frozen_dtype == "float32":
         raise ConfigError("model.speed.native_frozen_compute: needs frozen_dtype bfloat16 or float16 "
                           "(float32 parts already compute natively)")
-    # Training steps run under Lightning's autocast only with a mixed precision.
-    if precision is not None and cfg.frozen_dtype != "float32" and "mixed" not in str(precision):
+    # Training steps run under Lightning's autocast only with a mixed precision (legacy "16"/"bf16": mixed too).
+    mixed = "mixed" in str(precision) or str(precision) in ("16", "bf16")
+    if precision is not None and cfg.frozen_dtype != "float32" and not mixed:
         raise ConfigError(f"model.speed.frozen_dtype: {cfg.frozen_dtype} needs trainer.precision "
                           f"bf16-mixed (autocast), got {precision}")
     if cfg.cuda_graphs_sampling and device_type is not None and device_type != "cuda":
         raise ConfigError("model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device; "
-                          f"the model is on {device_type}")
+                          f"the model runs on {device_type}")
 
 
 def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None,
