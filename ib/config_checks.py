@@ -140,12 +140,18 @@ def _vae_factor(cfg: Namespace) -> int | None:
 def check_noise_schedule(scheduler: dict, field: str = "model.ldm.scheduler") -> None:
     """The training noise schedule: betas in (0, 1) (above 1 every loss is NaN), a prediction type the loss
     implements. The dict is built the way FrozenLDM builds it, so what diffusers refuses is named here."""
+    for key in ("beta_start", "beta_end", "num_train_timesteps"):
+        value = scheduler.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{field}.{key}: expected a number, got {value!r}")
     try:
         sched = DDPMScheduler(**scheduler)
     except TypeError as e:
-        raise ConfigError(f"{field}: {_one_line(e).removeprefix('DDPMScheduler.__init__() ')}") from e
-    except NotImplementedError as e:  # an unknown beta_schedule
-        raise ConfigError(f"{field}.beta_schedule: {_one_line(e)}") from e
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        raise ConfigError(f"{field}.{unknown.group(1)}: unknown key" if unknown else f"{field}: {_one_line(e)}") from e
+    except NotImplementedError as e:
+        raise ConfigError(f"{field}.beta_schedule: unknown '{scheduler.get('beta_schedule')}' "
+                          "(not implemented by diffusers' DDPMScheduler)") from e
     c = sched.config
     if c.num_train_timesteps < 1:
         raise ConfigError(f"{field}.num_train_timesteps: must be >= 1, got {c.num_train_timesteps}")
