@@ -17,7 +17,7 @@ from jsonargparse import ArgumentError  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
-from ib.config_checks import check_config  # noqa: E402
+from ib.config_checks import check_config, parse_dict_scalars  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
 from ib.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from ib.lit_module import InstantBoothModule  # noqa: E402
@@ -28,7 +28,9 @@ class InstantBoothCLI(LightningCLI):
         parser.link_arguments("model.identifier", "data.identifier")
 
     def before_instantiate_classes(self):
-        check_config(self.config[self.subcommand] if self.subcommand else self.config)
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        parse_dict_scalars(cfg)  # in place: the classes are built from this namespace
+        check_config(cfg)
 
 
 def _one_line(e: BaseException) -> str:

@@ -4,13 +4,29 @@ naming the field.
 They run on the CLI's parsed namespace, before any class is instantiated: LightningCLI builds the model
 (minutes for the frozen SD parts) before the DataModule, and a check inside a constructor would come after
 that. A field absent from the namespace is skipped, so these rules do not pin the config's layout.
+The argparse commands (`ib generate|evaluate|export`) get their one-line errors and folder check here too.
 """
-from jsonargparse import Namespace
+import argparse
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from jsonargparse import Namespace, get_loader
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import AcceleratorRegistry
 
 from ib.data.shards import resolve_shards
 from ib.errors import ConfigError
 from ib.models.frozen_ldm import missing_pretrained_folder
 from ib.models.image_encoder import missing_checkpoint_file
+from ib.models.sampler import SamplingConfig, check_sampling
+from ib.models.speed import SpeedConfig, check_speed
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the targets InstantBooth.training_loss implements
 
 
 def _between(lo, hi, lo_open=False, hi_open=False):
@@ -33,10 +49,6 @@ RANGES = {
     "model.beta_train": _between(0, 1, lo_open=True),  # 0 would switch the adapters off: nothing to train
     "model.cond_dropout": _between(0, 1, hi_open=True),
     "model.max_nonfinite_steps": _at_least(1),
-    "model.sampling.alpha": _between(0, 1),  # concept renormalization (paper: 0.4)
-    "model.sampling.beta": _between(0, 1),  # balanced sampling (paper: 0.3)
-    "model.sampling.steps": _at_least(1),
-    "model.sampling.guidance_scale": _at_least(0),
     "data.batch_size": _at_least(1),
     "data.val_batch_size": _at_least(1),
     "data.batches_per_epoch": _at_least(1),
@@ -49,6 +61,110 @@ RANGES = {
 
 def _get(cfg: Namespace, key: str):
     return cfg.get(key) if key in cfg else None
+
+
+def parse_dict_scalars(value) -> None:
+    """In place: strings in plain-dict fields (model.ldm.scheduler, .unet, ...) that read as YAML scalars
+    become them. jsonargparse hands `--model.ldm.scheduler.beta_end 2.0` to an untyped dict as the string
+    "2.0"; a typed field would have parsed it."""
+    load = get_loader("yaml")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, str) and item.strip():
+                parsed = load(item)
+                if isinstance(parsed, (bool, int, float)) or (parsed is None and item.strip() in ("null", "~")):
+                    value[key] = parsed
+    children = vars(value).values() if isinstance(value, Namespace) else value.values() if isinstance(value, dict) \
+        else value if isinstance(value, list) else ()
+    for child in children:
+        parse_dict_scalars(child)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _accelerator(cfg: Namespace) -> str | None:
+    """trainer.accelerator as Lightning will resolve it: "cuda", "cpu", ...; None for an Accelerator object.
+    Refuses one this machine does not have, and trainer.devices it cannot provide."""
+    name = _get(cfg, "trainer.accelerator")
+    if not isinstance(name, str):
+        return None
+    # Lightning's own availability checks: they do not initialise CUDA in this process (DDP forks it).
+    gpus = [n for n in ("cuda", "mps") if AcceleratorRegistry[n]["accelerator"].is_available()]
+    if name == "auto":
+        name = (gpus or ["cpu"])[0]
+    elif name == "gpu":
+        if not gpus:
+            raise ConfigError("trainer.accelerator: gpu: this machine has no GPU (neither CUDA nor MPS)")
+        name = gpus[0]
+    if name not in AcceleratorRegistry:
+        raise ConfigError(f"trainer.accelerator: unknown '{name}' (one of auto, gpu, "
+                          f"{', '.join(sorted(AcceleratorRegistry.available_accelerators()))})")
+    accelerator = AcceleratorRegistry[name]["accelerator"]
+    if not accelerator.is_available():
+        raise ConfigError(f"trainer.accelerator: {name}: not available on this machine")
+    devices = _get(cfg, "trainer.devices")
+    if devices not in (None, "auto"):
+        try:
+            accelerator.parse_devices(devices)
+        except (MisconfigurationException, TypeError, ValueError) as e:
+            raise ConfigError(f"trainer.devices: {devices}: {_one_line(e)}") from e
+    return name
+
+
+# As FrozenLDM.vae_scale_factor: pixels per latent cell along a side; diffusers' default when unset.
+_VAE_CHANNELS = inspect.signature(AutoencoderKL).parameters["block_out_channels"].default
+
+
+def _read_json(folder: Path, name: str) -> dict:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.ldm.pretrained: cannot read {folder / name}: {_one_line(e)}") from e
+
+
+def _vae_factor(cfg: Namespace) -> int | None:
+    """From the config alone (the folder's vae/config.json, or model.ldm.vae); None for a hub id."""
+    pretrained = _get(cfg, "model.ldm.pretrained")
+    if pretrained:
+        folder = Path(pretrained).expanduser()
+        vae = _read_json(folder, "vae/config.json") if folder.is_dir() else None
+    else:
+        vae = _get(cfg, "model.ldm.vae")
+    if vae is None:
+        return None
+    return 2 ** (len(vae.get("block_out_channels", _VAE_CHANNELS)) - 1)
+
+
+def check_noise_schedule(scheduler: dict, field: str = "model.ldm.scheduler") -> None:
+    """The training noise schedule: betas in (0, 1) (above 1 every loss is NaN), a prediction type the loss
+    implements. The dict is built the way FrozenLDM builds it, so what diffusers refuses is named here."""
+    for key in ("beta_start", "beta_end", "num_train_timesteps"):
+        value = scheduler.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{field}.{key}: expected a number, got {value!r}")
+    try:
+        sched = DDPMScheduler(**scheduler)
+    except TypeError as e:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        raise ConfigError(f"{field}.{unknown.group(1)}: unknown key" if unknown else f"{field}: {_one_line(e)}") from e
+    except NotImplementedError as e:
+        raise ConfigError(f"{field}.beta_schedule: unknown '{scheduler.get('beta_schedule')}' "
+                          "(not implemented by diffusers' DDPMScheduler)") from e
+    c = sched.config
+    if c.num_train_timesteps < 1:
+        raise ConfigError(f"{field}.num_train_timesteps: must be >= 1, got {c.num_train_timesteps}")
+    if c.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"{field}.prediction_type: unknown '{c.prediction_type}' (one of {', '.join(PREDICTION_TYPES)})")
+    if c.trained_betas is None:
+        for name in ("beta_start", "beta_end"):
+            if not 0 < c[name] < 1:
+                raise ConfigError(f"{field}.{name}: must be in (0, 1), got {c[name]}")
+        if c.beta_start >= c.beta_end:
+            raise ConfigError(f"{field}.beta_start: must be < beta_end ({c.beta_end}), got {c.beta_start}")
+    if not ((sched.betas > 0) & (sched.betas < 1)).all():
+        raise ConfigError(f"{field}: the schedule's betas must lie in (0, 1)")
 
 
 def check_config(cfg: Namespace) -> None:
@@ -68,3 +184,50 @@ def check_config(cfg: Namespace) -> None:
     for key in ("data.train_shards", "data.val_shards"):
         if _get(cfg, key):
             resolve_shards(_get(cfg, key), key)
+
+    if not ldm and _get(cfg, "model.ldm.scheduler") is not None:  # a pretrained folder brings its own
+        check_noise_schedule(_get(cfg, "model.ldm.scheduler"))
+    vae_factor = _vae_factor(cfg)
+    size = _get(cfg, "data.image_size")
+    if vae_factor and size and size % vae_factor:
+        raise ConfigError(f"data.image_size: must be a multiple of {vae_factor} (the VAE's downsampling factor), got {size}")
+    sampling = _get(cfg, "model.sampling")
+    if sampling is not None:
+        check_sampling(SamplingConfig(**sampling.as_dict()), vae_factor)
+    device_type = _accelerator(cfg)
+    speed = _get(cfg, "model.speed")
+    if speed is not None:
+        check_speed(SpeedConfig(**speed.as_dict()), device_type, str(_get(cfg, "trainer.precision") or "32-true"))
+
+
+# --- the argparse commands (`ib generate|evaluate|export`) ---------------------------------------------------
+class OneLineParser(argparse.ArgumentParser):
+    """A bad or missing flag is a ConfigError naming it (one line, exit 2), not usage text."""
+
+    def error(self, message):
+        raise ConfigError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+
+def check_creatable_folder(folder: Path, flag: str) -> None:
+    """`folder` is a folder or can be made one, checked before the model loads: a NotADirectoryError after
+    sampling would lose the work."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ConfigError(f"{flag}: {path} is a file, not a folder")
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag}: {path} is not writable")
+            return
+
+
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """A device this machine has; checked before the model loads."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"{flag}: {_one_line(e)}") from e
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{flag}: {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag}: {name}: MPS is not available on this machine")
+    return device

@@ -5,14 +5,13 @@ sampler `ib generate` uses, saves them as OUT/<subject>/<prompt>_<i>.png and wri
 Images already in OUT are reused, so an interrupted run continues where it stopped; OUT/settings.json
 makes sure they were generated with the same weights, sampler settings and seed.
 """
-import argparse
 import hashlib
 import json
 import math
 import os
 import re
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -23,26 +22,22 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, reference_images, to_tensor  # noqa: E402
+from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
+from ib.generate import sampling_from_args  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.models.identifier import strip_identifier  # noqa: E402
-from ib.models.sampler import SamplingConfig, sample  # noqa: E402
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset  # noqa: E402
+from ib.models.sampler import SCHEDULERS, SamplingConfig, sample  # noqa: E402
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset  # noqa: E402
 from ib.weights import load_instantbooth  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
 REPORT_FILE = "report.json"
-SAMPLER_FLAGS = ("steps", "beta", "alpha", "guidance_scale", "scheduler")  # same names as SamplingConfig
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line `ib: error: ...`, exit 2, like the rest of the CLI
-        raise ConfigError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ib evaluate", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="ib evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True, help="a Lightning .ckpt or an `ib export` .safetensors")
     p.add_argument("--data", required=True, help="a DreamBench-layout folder (subject folders + prompts_and_classes.txt)")
     p.add_argument("--out", required=True, help="folder for the generated images and report.json")
@@ -55,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beta", type=float, help="adapter strength at inference (paper: 0.3)")
     g.add_argument("--alpha", type=float, help="concept renormalization (paper: 0.4)")
     g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--scheduler", choices=["ddim", "ddpm"])
+    g.add_argument("--scheduler", choices=SCHEDULERS)
     b = p.add_argument_group("metric backbones (default: CLIP ViT-B-32 'openai' and DINO ViT-S/16)")
     b.add_argument("--backbones", help="YAML with `clip:` and `dino:` sections (fields of ClipBackboneConfig / "
                                        "DinoBackboneConfig), e.g. conf/metrics/tiny.yaml; the flags below override it")
@@ -174,18 +169,20 @@ def evaluate(args) -> dict:
     _positive(args, "max_subjects", "max_prompts", "num_images", "steps")
     if not Path(args.weights).is_file():  # checked again on loading; here to fail before anything is built
         raise ConfigError(f"--weights: file not found: {args.weights}")
+    check_creatable_folder(Path(args.out), "--out")
+    sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
     bench: DreamBench = read_dreambench(args.data)
     subjects = bench.subjects[:args.max_subjects]
     clip_cfg, dino_cfg = backbone_configs(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    speed = getattr(args, "speed", None) or default_preset(device.type)
+    check_speed_preset(speed, device)
 
     model, hparams = load_instantbooth(args.weights)
-    speed = getattr(args, "speed", None) or default_preset(device.type)
     apply_speed_preset(model, speed, device)
     model.to(device)
     identifier = model.identifier
-    overrides = {k: getattr(args, k) for k in SAMPLER_FLAGS if getattr(args, k) is not None}
-    sampling = replace(SamplingConfig(**hparams.get("sampling", {})), **overrides)
+    sampling = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args, model.ldm.vae_scale_factor)
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
     out = Path(args.out)

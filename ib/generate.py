@@ -2,7 +2,6 @@
 
     ib generate --weights run.safetensors --ref a.jpg b.jpg --prompt "a photo of a sks dog on the beach" --out DIR
 """
-import argparse
 import json
 import time
 from dataclasses import asdict, replace
@@ -11,17 +10,18 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ib.config_checks import OneLineParser, check_creatable_folder, check_device
 from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
 from ib.models.identifier import contains_identifier
-from ib.models.sampler import SamplingConfig, sample
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, default_preset
+from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling, sample
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset
 from ib.references import load_references
 from ib.weights import load_instantbooth
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ib generate", description=__doc__.splitlines()[0])
+def parser() -> OneLineParser:
+    p = OneLineParser(prog="ib generate", description=__doc__.splitlines()[0])
     p.add_argument("--weights", required=True, help="a Lightning checkpoint or an `ib export` .safetensors")
     p.add_argument("--ref", nargs="+", required=True, help="reference photos of the subject (any number)")
     p.add_argument("--mask", nargs="+", help="optional masks, one per --ref (white = subject)")
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="concept renormalization factor")
     p.add_argument("--steps", type=int)
     p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--scheduler", choices=["ddim", "ddpm"])
+    p.add_argument("--scheduler", choices=SCHEDULERS)
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=4)
@@ -43,27 +43,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def sampling_from_args(base: SamplingConfig, args) -> SamplingConfig:
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def sampling_from_args(base: SamplingConfig, args, vae_factor: int | None = None) -> SamplingConfig:
+    """The weights' sampler settings with the flags given; checked (ib.models.sampler.check_sampling), errors
+    naming the flag, or the field for a value that came with the weights."""
     overrides = {k: getattr(args, k) for k in ("beta", "alpha", "steps", "guidance_scale", "scheduler", "height", "width")
                  if getattr(args, k, None) is not None}
     cfg = replace(base, **overrides)
-    if cfg.steps < 1:
-        raise ConfigError(f"--steps: must be >= 1, got {cfg.steps}")
-    if not 0 <= cfg.beta <= 1 or cfg.alpha < 0:
-        raise ConfigError(f"--beta/--alpha: need 0 <= beta <= 1 and alpha >= 0, got {cfg.beta}, {cfg.alpha}")
+    check_sampling(cfg, vae_factor, lambda f: flag(f) if f in overrides else f"sampling.{f} (of the weights)")
     return cfg
 
 
 def run(args) -> list[Path]:
-    if args.num_images < 1:
-        raise ConfigError(f"--num-images: must be >= 1, got {args.num_images}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out: is a file: {args.out}")
+    for name in ("num_images", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{flag(name)}: must be >= 1, got {getattr(args, name)}")
+    sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
+    check_creatable_folder(args.out, "--out")
+    check_device(args.device)
+    speed = args.speed or default_preset(args.device)
+    check_speed_preset(speed, args.device)
     model, hparams = load_instantbooth(args.weights)
     if not contains_identifier(args.prompt, model.identifier):
         raise ConfigError(f"--prompt: does not contain the identifier '{model.identifier}' (e.g. 'a photo of a "
                           f"{model.identifier} dog')")
-    cfg = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args)
+    cfg = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args, model.ldm.vae_scale_factor)
     mask_fn = None
     if args.mask_backend and not args.mask:
         try:
@@ -71,7 +78,6 @@ def run(args) -> list[Path]:
         except MaskError as e:
             raise ConfigError(f"--mask-backend: {e}") from e
     refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
-    speed = args.speed or default_preset(args.device)
     apply_speed_preset(model, speed, args.device)
     model.to(args.device)
 

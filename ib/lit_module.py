@@ -69,10 +69,9 @@ class InstantBoothModule(L.LightningModule):
 
     def setup(self, stage: str):
         # Before Lightning moves the model: `.to(device)` keeps the dtypes and memory format set here.
-        if self.speed.frozen_dtype != "float32" and "mixed" not in str(self.trainer.precision):
-            raise ConfigError(f"model.speed.frozen_dtype: {self.speed.frozen_dtype} needs trainer.precision "
-                              f"bf16-mixed (autocast), got {self.trainer.precision}")
-        apply_speed(self.model, self.speed, device=self.trainer.strategy.root_device)
+        # The CLI checked these switches before anything was written (ib.config_checks); checked again here
+        # for modules built in code.
+        apply_speed(self.model, self.speed, device=self.trainer.strategy.root_device, precision=self.trainer.precision)
 
     # --- steps ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

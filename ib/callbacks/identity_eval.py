@@ -21,7 +21,7 @@ from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
 from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig
 from ib.metrics.identity import identity_metrics
-from ib.models.sampler import SamplingConfig, sample
+from ib.models.sampler import SamplingConfig, check_sampling, sample
 
 FIELD = "IdentityEval"
 
@@ -73,6 +73,8 @@ class IdentityEval(L.Callback):
         unknown = set(self.sampling_overrides) - set(SamplingConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{FIELD}.sampling: unknown key {sorted(unknown)[0]}")
+        # The values too, now rather than at the first validation.
+        check_sampling(replace(SamplingConfig(), **self.sampling_overrides), None, lambda f: f"{FIELD}.sampling.{f}")
         self.shards = shards
         self.clip_cfg = clip or ClipBackboneConfig()
         self.dino_cfg = dino or DinoBackboneConfig()

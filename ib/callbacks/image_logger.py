@@ -2,7 +2,10 @@
 from pathlib import Path
 
 import lightning as L
+import torch.nn.functional as F
 from torchvision.utils import save_image
+
+from ib.models.sampler import output_size
 
 
 class ImageLogger(L.Callback):
@@ -17,6 +20,11 @@ class ImageLogger(L.Callback):
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         if batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        # Validation samples at the sampler's size (as `ib generate` does with these weights), which need not
+        # be data.image_size (training at another resolution is fine): the targets are shown at that size.
+        size = output_size(pl_module.model, pl_module.sampling)
+        if tuple(batch["image"].shape[-2:]) != size:
+            batch = dict(batch, image=F.interpolate(batch["image"].float(), size=size, mode="bilinear", antialias=True))
         grids = pl_module.log_images(batch, max_images=self.max_images)
         step = trainer.global_step
         for name, grid in grids.items():

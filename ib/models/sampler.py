@@ -4,8 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ib.errors import ConfigError
 from ib.models.instantbooth import InstantBooth
 from ib.models.speed import frozen_autocast, noise_predictor, visual_kv_cache
+
+SCHEDULERS = ("ddim", "ddpm")  # FrozenLDM.sampling_scheduler
 
 
 @dataclass
@@ -20,6 +23,32 @@ class SamplingConfig:
     use_concept: bool = True
     height: int | None = None  # null: the UNet's native size
     width: int | None = None
+
+
+def check_sampling(cfg: SamplingConfig, vae_factor: int | None, name=lambda field: f"model.sampling.{field}") -> None:
+    """The one check of sampler settings (the config, `ib generate`, `ib evaluate`): a ConfigError naming
+    `name(field)`. vae_factor: pixels per latent cell, which height and width must be multiples of (None:
+    not known here, not checked)."""
+    def refuse(field, must):
+        raise ConfigError(f"{name(field)}: {must}, got {getattr(cfg, field)}")
+    if cfg.scheduler not in SCHEDULERS:
+        raise ConfigError(f"{name('scheduler')}: unknown '{cfg.scheduler}' (one of {', '.join(SCHEDULERS)})")
+    if cfg.steps < 1:
+        refuse("steps", "must be >= 1")
+    if cfg.guidance_scale < 0:
+        refuse("guidance_scale", "must be >= 0")
+    for field in ("beta", "alpha"):  # adapter strength; concept renormalization
+        if not 0 <= getattr(cfg, field) <= 1:
+            refuse(field, "must be in [0, 1]")
+    for field in ("height", "width"):
+        size = getattr(cfg, field)
+        if size is not None and (size < 1 or (vae_factor and size % vae_factor)):
+            refuse(field, f"must be a positive multiple of {vae_factor or 1} (the VAE's downsampling factor)")
+
+
+def output_size(model: InstantBooth, cfg: SamplingConfig) -> tuple[int, int]:
+    """(height, width) of the images `sample` makes."""
+    return cfg.height or model.ldm.image_size, cfg.width or model.ldm.image_size
 
 
 def initial_noise(shape: tuple, seeds: list[int], device, dtype) -> torch.Tensor:
@@ -59,8 +88,7 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
         text = cond
 
     scale = model.ldm.vae_scale_factor
-    height = cfg.height or model.ldm.image_size
-    width = cfg.width or model.ldm.image_size
+    height, width = output_size(model, cfg)
     sched = model.ldm.sampling_scheduler(cfg.scheduler)
     # Timesteps stay on the CPU for the scheduler: its arithmetic (indexing alphas_cumprod, `prev_t >= 0`)
     # with device tensors would make the CPU wait for the GPU at every step. The UNet gets device copies.

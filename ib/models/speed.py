@@ -74,12 +74,11 @@ def _as_config(cfg) -> SpeedConfig:
     return cfg if isinstance(cfg, SpeedConfig) else SpeedConfig(**(cfg or {}))
 
 
-def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None,
-                inference: bool = False):
-    """Apply `cfg` to an InstantBooth in place; returns the model. device: where it will run (default: where
-    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format.
-    inference: nothing will be trained (generation, evaluation), so with native_frozen_compute the heads and
-    adapters are held in frozen_dtype too: no master weights, no casts per call."""
+def check_speed(cfg: SpeedConfig | dict | None, device_type: str | None = None, precision: str | None = None) -> None:
+    """The one check of the switches, before anything is built (ib.config_checks) and when they are applied:
+    a ConfigError naming the field. device_type ("cuda", "cpu", ...) and precision (Lightning's
+    trainer.precision; None where the caller handles autocast itself, as the sampler does): not checked when
+    None."""
     cfg = _as_config(cfg)
     if cfg.frozen_dtype not in DTYPES:
         raise ConfigError(f"model.speed.frozen_dtype: unknown '{cfg.frozen_dtype}' (one of {sorted(DTYPES)})")
@@ -88,10 +87,26 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
     if cfg.native_frozen_compute and cfg.frozen_dtype == "float32":
         raise ConfigError("model.speed.native_frozen_compute: needs frozen_dtype bfloat16 or float16 "
                           "(float32 parts already compute natively)")
-    device = torch.device(device) if device is not None else model.concept_head.proj.weight.device
-    if cfg.cuda_graphs_sampling and device.type != "cuda":
+    # Training steps run under Lightning's autocast only with a mixed precision (legacy "16"/"bf16": mixed too).
+    mixed = "mixed" in str(precision) or str(precision) in ("16", "bf16")
+    if precision is not None and cfg.frozen_dtype != "float32" and not mixed:
+        raise ConfigError(f"model.speed.frozen_dtype: {cfg.frozen_dtype} needs trainer.precision "
+                          f"bf16-mixed (autocast), got {precision}")
+    if cfg.cuda_graphs_sampling and device_type is not None and device_type != "cuda":
         raise ConfigError("model.speed.cuda_graphs_sampling: CUDA graphs need a CUDA device; "
-                          f"the model is on {device.type}")
+                          f"the model runs on {device_type}")
+
+
+def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None,
+                inference: bool = False, precision: str | None = None):
+    """Apply `cfg` to an InstantBooth in place; returns the model. device: where it will run (default: where
+    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format.
+    inference: nothing will be trained (generation, evaluation), so with native_frozen_compute the heads and
+    adapters are held in frozen_dtype too: no master weights, no casts per call. precision: the trainer's,
+    checked by check_speed."""
+    cfg = _as_config(cfg)
+    device = torch.device(device) if device is not None else model.concept_head.proj.weight.device
+    check_speed(cfg, device.type, precision)
     ldm, unet = model.ldm, model.ldm.unet
 
     dtype = DTYPES[cfg.frozen_dtype]
@@ -144,12 +159,18 @@ def default_preset(device: str) -> str:
     return "graphs" if str(device).startswith("cuda") else "off"
 
 
-def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
-    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
+def check_speed_preset(preset: str, device) -> None:
+    """`preset` of SPEED_PRESETS on `device`, checked before the model loads; errors name `--speed`."""
     try:
-        apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
+        check_speed(SPEED_PRESETS[preset], torch.device(device).type)
     except ConfigError as e:
         raise ConfigError(f"--speed {preset}: {e}") from e
+
+
+def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
+    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
+    check_speed_preset(preset, device)
+    apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
     return SPEED_PRESETS[preset]
 
 
