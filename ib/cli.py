@@ -17,6 +17,7 @@ from jsonargparse import ArgumentError  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from ib.checkpoint_io import check_checkpoint_file  # noqa: E402
 from ib.config_checks import check_config, parse_dict_scalars  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
 from ib.errors import ConfigError, NonFiniteLossError  # noqa: E402
@@ -63,12 +64,22 @@ def _config_error(e: BaseException | None) -> ConfigError | None:
     return None
 
 
+def _option_values(argv: list[str], name: str) -> list[str]:
+    """Values of `name VALUE` and `name=VALUE` in argv."""
+    return [argv[i + 1] if arg == name else arg.partition("=")[2] for i, arg in enumerate(argv)
+            if (arg == name and i + 1 < len(argv)) or arg.startswith(name + "=")]
+
+
+def check_ckpt_path(argv: list[str]) -> None:
+    """A checkpoint file given by path: LightningCLI reads its hyper-parameters before anything else."""
+    for path in _option_values(argv, "--ckpt_path"):
+        if path not in ("last", "best", "hpc", "registry", "null", ""):
+            check_checkpoint_file(path)
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every --config file must exist and be valid YAML; say which one is not."""
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else arg.partition("=")[2] if arg.startswith("--config=") else None
-        if path is None:
-            continue
+    for path in _option_values(argv, "--config"):
         try:
             yaml.safe_load(Path(path).read_text())
         except OSError as e:
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in COMMANDS:
             return importlib.import_module(COMMANDS[args[0]]).main(args[1:])
         check_config_files(args)
+        check_ckpt_path(args)
         InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, args=argv,
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ConfigError as e:

@@ -67,3 +67,33 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+class Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("what", ["pickle", "missing", "not_torch"])
+def test_fit_ckpt_path_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys, what):
+    """LightningCLI reads an explicit --ckpt_path before anything else; a pickle gave a multi-line traceback."""
+    from ib.cli import main
+    from tests.conftest import DEFAULT_CONFIG
+
+    marker, ckpt = tmp_path / "MARKER", tmp_path / "evil.ckpt"
+    if what == "pickle":
+        torch.save({"state_dict": {}, "payload": Marker(marker)}, ckpt)
+    elif what == "not_torch":
+        ckpt.write_text("hello")
+    run = tmp_path / "run"
+    code = main(["fit", "--config", str(DEFAULT_CONFIG), "--ckpt_path", str(ckpt),
+                 "--trainer.default_root_dir", str(run)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"ib: error: --ckpt_path: "), err
+    assert {"pickle": "is not a weights-only checkpoint", "missing": "file not found",
+            "not_torch": "cannot read"}[what] in err[0]
+    assert not marker.exists() and not run.exists()
