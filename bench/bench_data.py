@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from data_tools import build_shards  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule, LoaderConfig, SampleTransform, batch_to_float  # noqa: E402
 from ib.data.shards import decode_sample, read_tar_samples  # noqa: E402
-from ib.data.streams import train_stream  # noqa: E402
+from ib.data.streams import TrainStream  # noqa: E402
 from ib.data.transforms import ReferenceAugment, mask_crop  # noqa: E402
 
 
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
 
         # End to end: the training stream itself (tar read, shuffle, decode, transform, uint8 batches).
         n_batches = max(1, a.repeats * len(raw) // a.batch_size)
-        stream = train_stream(urls, decode_sample, tf, batch_size=a.batch_size, batches_per_worker=n_batches,
-                              resampled=True, rank=0, world=1, workers=0, seed=0, shuffle_buffer=100)
+        stream = TrainStream(urls, decode_sample, tf, batch_size=a.batch_size, batches_per_worker=n_batches,
+                             resampled=True, rank=0, world=1, workers=0, seed=0, shuffle_buffer=100)
         next(iter(stream))
         start = time.process_time()
         for batch in stream:

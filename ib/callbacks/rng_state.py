@@ -4,15 +4,17 @@ Lightning restores weights, optimizer, schedulers and loop counters but not rand
 run would draw different noise, timesteps and condition dropout than the interrupted one would have.
 Under DDP each rank also gets its own stream (seed + rank): `seed_everything` gives every process the same
 seed, which would draw the same diffusion noise and timesteps on every rank for different images.
-The data stream (WebDataset shuffling, augmentation) has its own generators and is not covered.
+The data stream (WebDataset shuffling, augmentation) has its own seeds; where it stands is in the DataModule's
+state (ib/data/datamodule.py).
 """
 import random
 
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
+
+from ib.distributed import gather_from_ranks
 
 
 def collect_rng_state() -> dict:
@@ -56,12 +58,7 @@ class RNGState(L.Callback):
 
     def state_dict(self) -> dict:
         # Called on every rank when a checkpoint is made (Lightning's save is collective already).
-        state = collect_rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, state)
-            return {"per_rank": states}
-        return {"per_rank": [state]}
+        return {"per_rank": gather_from_ranks(collect_rng_state())}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict["per_rank"]

@@ -3,7 +3,8 @@
 Batch (on the device): image (B, 3, S, S) in [0, 1] (the full target), mask (B, 1, S, S) bool (the
 object in the target, cropped and flipped with it), refs (B, 1, 3, R, R) in [0, 1] (the augmented, masked
 object crop), caption (B strings, identifier inserted before the class noun), concept and key (B strings),
-skipped (bad samples skipped since the previous batch of the same worker; ib/data/streams.py).
+skipped (bad samples skipped since the previous batch of the same worker; ib/data/streams.py), and in
+training stream (epoch, worker, batches, samples: where that worker's stream stands, for the checkpoint).
 latent_moments (B, 2C, h, w) float16, only from shards made by data_tools.encode_latents: the VAE
 posterior of the (centre-cropped, maybe flipped) target, so training skips the VAE encoder.
 The DataLoaders yield image and refs as uint8 0..255; `on_after_batch_transfer` (or `batch_to_float`
@@ -16,13 +17,13 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 import webdataset as wds
 from lightning.pytorch.utilities import rank_zero_warn
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
 from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
+from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
 from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
 from ib.models.identifier import insert_identifier
@@ -185,11 +186,7 @@ class InstantBoothDataModule(L.LightningDataModule):
         # Called on every rank when a checkpoint is made; rank 0 writes it, so it holds every rank's.
         mine = {"epoch": self._delivered["epoch"], "num_workers": self.loader.num_workers,
                 "workers": {int(w): list(p) for w, p in self._delivered["workers"].items()}}
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            ranks = [None] * dist.get_world_size()
-            dist.all_gather_object(ranks, mine)
-            return {"per_rank": ranks}
-        return {"per_rank": [mine]}
+        return {"per_rank": gather_from_ranks(mine)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("per_rank")
