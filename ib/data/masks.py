@@ -10,12 +10,12 @@ or name a factory by import path: `get_mask_backend("my_pkg.sam:make_backend", c
 Used by data_tools.build_shards and by anything that needs a mask for a reference photo.
 """
 import importlib
-import io
 from typing import Callable, Protocol
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from ib.data.images import ImageError, read_image
 
 
 class MaskError(ValueError):
@@ -59,10 +59,11 @@ def get_mask_backend(name: str, **options) -> MaskBackend:
 
 
 def load_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """A provided mask (any image format PIL reads; >127 = object) -> (H, W) bool of the image's size."""
+    """A provided mask (any image format PIL reads; at least half the full range = object: >127 of 8 bits,
+    >=32768 of 16) -> (H, W) bool of the image's size."""
     try:
-        mask = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
-    except Exception as e:  # any undecodable bytes
+        mask = read_image(data, mode="L") > 127
+    except ImageError as e:
         raise MaskError(f"cannot decode mask: {e}") from e
     if mask.shape != tuple(shape):
         raise MaskError(f"mask {mask.shape} does not match image {tuple(shape)}")
