@@ -332,3 +332,39 @@ def test_plugged_in_backend_by_import_path(tmp_path):
     assert (report["kept"], report["dropped"]) == (1, {"mask_failed": 1})
     s = check_schema(read_output(out)["a"])
     assert s["meta"]["bbox"] == [16, 16, 48, 48] and s["meta"]["mask_backend"] == "tests.test_build_shards:picky_backend"
+
+
+def test_max_side_downscales_provided_masks_with_their_images(captioned_folder, tmp_path):
+    out = tmp_path / "out"
+    assert build_folder(captioned_folder, out, "--max-side", 32) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["kept"], report["dropped"]) == (4, EXPECTED_DROPS)
+    decoded = {k: check_schema(s) for k, s in read_output(out).items()}
+    assert set(decoded) == {"ok_dog", "ok_puppies", "ok_speck", "sub_ok_png"}
+    for s in decoded.values():
+        assert s["image"].shape == (32, 32, 3) and s["mask"].shape == (32, 32)
+        assert s["meta"]["bbox"] == [5, 5, 20, 20] and s["mask"].sum() == 15 * 15  # the 64 px mask, halved
+
+
+def test_16bit_images_and_masks_and_huge_images(tmp_path):
+    """A 16-bit photo and its 16-bit mask are scaled, not clipped (white photo, all-object mask); a
+    decompression bomb is one dropped sample."""
+    from tests.test_images import RAMP8, RAMP16, bomb_png
+
+    photos = tmp_path / "photos"
+    photo = np.tile(RAMP16[:1], (64, 1))                             # (64, 64) grey ramp over the full range
+    mask = np.where(np.arange(64)[None, :] < 32, 40000, 30000).repeat(64, 0).astype(np.uint16)  # left half object
+    save(photos / "deep.png", photo)
+    save(photos / "deep.mask.png", mask)
+    bomb_png(photos / "huge.png")
+    save(photos / "huge.mask.png", np.zeros((8, 8), np.uint8))
+    for name in ("deep", "huge"):
+        (photos / f"{name}.txt").write_text("a dog")
+    out = tmp_path / "out"
+    assert run("--input", photos, "--output", out, "--classes", "dog", "--mask-backend", "provided",
+               "--min-size", 32, "--workers", 1, "--max-area", 0.9) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["kept"], report["dropped"]) == (1, {"unreadable_image": 1})
+    s = check_schema(read_output(out)["deep"])
+    assert s["meta"]["mask_area"] == 0.5 and s["mask"][:, :32].all()
+    assert np.abs(s["image"].astype(int) - RAMP8[:1, :, None]).max() <= 3  # JPEG-encoded
