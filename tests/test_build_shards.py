@@ -368,3 +368,40 @@ def test_16bit_images_and_masks_and_huge_images(tmp_path):
     s = check_schema(read_output(out)["deep"])
     assert s["meta"]["mask_area"] == 0.5 and s["mask"][:, :32].all()
     assert np.abs(s["image"].astype(int) - RAMP8[:1, :, None]).max() <= 3  # JPEG-encoded
+
+
+def test_output_folder_of_another_build_is_refused_unless_overwrite(captioned_folder, synthetic_shards, tmp_path,
+                                                                    capsys):
+    """Shards already in --output (same names: shard-000000.tar ...) would be overwritten in part and read
+    together with the new ones. Refused, nothing written; --overwrite removes them first."""
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_shards / "train", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.endswith(".tar")]) == 3
+    assert build_folder(captioned_folder, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output: {out} holds 3 shards of another build"), err
+    assert "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    assert build_folder(captioned_folder, out, "--overwrite") == 0
+    assert set(read_output(out)) == {"ok_dog", "ok_puppies", "ok_speck", "sub_ok_png"}
+    assert sorted(p.name for p in out.iterdir()) == [".stats", "build.json", "report.json", "shard-000000.tar"]
+    assert build_folder(captioned_folder, out) == 0  # the same build again: a resume, nothing to do
+    assert "resuming: 1 of 1 shards already built" in capsys.readouterr().out
+
+    # Other settings: refused as before; with --overwrite the old build's shards are gone, not mixed in.
+    assert build_folder(captioned_folder, out, "--shard-size", 3) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output: {out} holds shards built with other settings")
+    assert build_folder(captioned_folder, out, "--shard-size", 3, "--overwrite") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards"] == len(list(out.glob("*.tar"))) and len(read_output(out)) == report["kept"] == 4
+    assert len(list((out / ".stats").iterdir())) == 5  # 15 inputs in shards of 3
+    assert build_folder(captioned_folder, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"] and len(list((out / ".stats").iterdir())) == 1
+
+    # --output is the img2dataset input itself: its shards have the output's names. Refused even with --overwrite.
+    capsys.readouterr()
+    assert run("--input", out, "--output", out, "--classes", "dog", "--workers", 1, "--overwrite") == 2
+    assert capsys.readouterr().err.strip() == f"error: --output: {out} is the input folder; use another folder"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
