@@ -405,3 +405,37 @@ def test_output_folder_of_another_build_is_refused_unless_overwrite(captioned_fo
     assert run("--input", out, "--output", out, "--classes", "dog", "--workers", 1, "--overwrite") == 2
     assert capsys.readouterr().err.strip() == f"error: --output: {out} is the input folder; use another folder"
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+
+
+def cluttered_photo(seed: int, size: int = 128) -> np.ndarray:
+    """A striped disc on a background of random rectangles: colours GrabCut's k-means can split many ways,
+    so its masks depend on OpenCV's random state, as they do on real photos."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3)) + rng.uniform(0, 255, 3)
+    for _ in range(30):
+        (x0, y0), (w, h) = rng.integers(0, size, 2), rng.integers(5, size // 2, 2)
+        image[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+    y, x = np.mgrid[0:size, 0:size]
+    disc = np.hypot(x - size / 2, y - size / 2) < size * 0.3
+    image[disc] = rng.uniform(0, 255, (3, 3))[(x[disc] // 6) % 3]
+    return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_grabcut_masks_are_the_same_in_every_build_workers_and_resumes(tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(8):
+        save(photos / f"p{i}.png", cluttered_photo(i))
+        (photos / f"p{i}.txt").write_text("a ball")
+
+    def build(out: Path, workers: int) -> tuple[dict, dict]:
+        assert run("--input", photos, "--output", out, "--classes", "ball", "--min-size", 64, "--shard-size", 4,
+                   "--workers", workers) == 0
+        return json.loads((out / "report.json").read_text()), {k: s["png"] for k, s in read_output(out).items()}
+
+    report, masks = build(tmp_path / "a", 1)
+    assert report["kept"] >= 3 and "mask_failed" not in report["dropped"], report
+    assert build(tmp_path / "b", 1) == (report, masks)  # again in this process: OpenCV's random state moved on
+    assert build(tmp_path / "c", 2) == (report, masks)  # two worker processes share the images out differently
+    (tmp_path / "c" / "shard-000001.tar").unlink(missing_ok=True)
+    (tmp_path / "c" / ".stats" / "shard-000001.tar.json").unlink()
+    assert build(tmp_path / "c", 1) == (report, masks)  # a resume

@@ -10,6 +10,7 @@ or name a factory by import path: `get_mask_backend("my_pkg.sam:make_backend", c
 Used by data_tools.build_shards and by anything that needs a mask for a reference photo.
 """
 import importlib
+import zlib
 from typing import Callable, Protocol
 
 import cv2
@@ -87,12 +88,15 @@ class GrabCut:
     """OpenCV GrabCut seeded from a box (default: the frame inset by `margin` on each side).
 
     Runs at `work_size` px on the long side (GrabCut's cost grows with pixels; masks are upscaled back).
+    Reproducible: its k-means start draws from OpenCV's per-thread random state, which is seeded before each
+    image from `seed` and the image's pixels, so a mask does not depend on which images the thread (or worker
+    process) segmented before.
     """
 
-    def __init__(self, margin: float = 0.05, iterations: int = 5, work_size: int = 256):
+    def __init__(self, margin: float = 0.05, iterations: int = 5, work_size: int = 256, seed: int = 0):
         if not 0 <= margin < 0.5:
             raise MaskError(f"grabcut margin must be in [0, 0.5), got {margin}")
-        self.margin, self.iterations, self.work_size = margin, iterations, work_size
+        self.margin, self.iterations, self.work_size, self.seed = margin, iterations, work_size, seed
 
     def __call__(self, image: np.ndarray, box: list[int] | None = None, prompt: str | None = None) -> np.ndarray:
         h, w = image.shape[:2]
@@ -107,6 +111,7 @@ class GrabCut:
         rect = (int(x0), int(y0), max(1, int(x1 - x0)), max(1, int(y1 - y0)))
         labels = np.zeros((sh, sw), np.uint8)
         models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.setRNGSeed(zlib.crc32(np.ascontiguousarray(small).tobytes(), self.seed & 0xFFFFFFFF) & 0x7FFFFFFF)  # a C int
         try:
             cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, rect, *models, self.iterations,
                         cv2.GC_INIT_WITH_RECT)
