@@ -398,7 +398,8 @@ def test_output_folder_of_another_build_is_refused_unless_overwrite(captioned_fo
     assert report["shards"] == len(list(out.glob("*.tar"))) and len(read_output(out)) == report["kept"] == 4
     assert len(list((out / ".stats").iterdir())) == 5  # 15 inputs in shards of 3
     assert build_folder(captioned_folder, out, "--overwrite") == 0
-    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"] and len(list((out / ".stats").iterdir())) == 1
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+    assert len(list((out / ".stats").iterdir())) == 1
 
     # --output is the img2dataset input itself: its shards have the output's names. Refused even with --overwrite.
     capsys.readouterr()

@@ -153,7 +153,8 @@ def test_decompression_bomb_is_a_bad_sample_or_a_config_error(bomb):
         load_image(bomb)
 
 
-def test_generate_refuses_a_huge_reference_with_one_line_and_writes_nothing(bomb, weights, tmp_path, capsys):  # noqa: F811
+def test_generate_refuses_a_huge_reference_with_one_line_and_writes_nothing(bomb, weights, tmp_path,  # noqa: F811
+                                                                            capsys):
     out = tmp_path / "out"
     rc = main(["generate", "--weights", str(weights), "--ref", str(bomb), "--prompt", "a sks dog", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()

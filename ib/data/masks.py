@@ -111,7 +111,8 @@ class GrabCut:
         rect = (int(x0), int(y0), max(1, int(x1 - x0)), max(1, int(y1 - y0)))
         labels = np.zeros((sh, sw), np.uint8)
         models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.setRNGSeed(zlib.crc32(np.ascontiguousarray(small).tobytes(), self.seed & 0xFFFFFFFF) & 0x7FFFFFFF)  # a C int
+        pixels = np.ascontiguousarray(small).tobytes()
+        cv2.setRNGSeed(zlib.crc32(pixels, self.seed & 0xFFFFFFFF) & 0x7FFFFFFF)  # it takes a C int
         try:
             cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, rect, *models, self.iterations,
                         cv2.GC_INIT_WITH_RECT)
