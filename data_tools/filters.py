@@ -16,10 +16,8 @@ from PIL import Image
 
 from data_tools.classes import ClassVocabulary
 from data_tools.sources import Item
-from ib.data.images import ImageError, read_image
+from ib.data.images import ORIENTATION, ImageError, read_image
 from ib.data.masks import MaskError, get_mask_backend, load_mask, mask_bbox, split_objects
-
-ORIENTATION = 0x0112  # the EXIF tag
 
 # Every reason a sample can be dropped for; report.json counts them.
 DROP_REASONS = ("unreadable_shard", "unreadable_image", "too_small", "no_caption", "no_class_noun",

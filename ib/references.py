@@ -4,15 +4,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ib.data import images
+from ib.data.images import ImageError, read_image as read_pixels
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
 from ib.errors import ConfigError
 
 
 def read_image(path: str | Path, field_name: str, mode: str = "RGB") -> np.ndarray:
     try:
-        return images.read_image(Path(path), mode)
-    except images.ImageError as e:
+        return read_pixels(Path(path), mode)
+    except ImageError as e:
         raise ConfigError(f"{field_name}: cannot read image {path}: {e}") from e
 
 

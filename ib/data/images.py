@@ -8,8 +8,9 @@ a 16-bit mask becomes all object). Here the full range maps to 0..255 instead:
     F                           0.0..1.0 -> 0..255; values outside that range (or not finite) are refused
 16-bit RGB(A) PNG and TIFF: PIL already reduces them to 8 bits per channel, correctly. Transparent pixels
 (RGBA, LA, PA, P with a transparent colour) are flattened onto white, the background that reference crops
-are filled with (ib.data.transforms.ReferenceAugment.fill). The EXIF orientation tag is applied, so the
-pixels are the photo as it is shown. Images over PIL's decompression bomb limit are refused, not decoded.
+are filled with (ib.data.transforms.ReferenceAugment.fill); masks (mode "L") are their grey values, alpha
+ignored. The EXIF orientation tag is applied, so the pixels are the photo as it is shown. Images over PIL's
+decompression bomb limit are refused, not decoded.
 """
 import io
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 BACKGROUND = 255  # what transparent pixels become: ReferenceAugment.fill's white
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class ImageError(ValueError):
@@ -30,7 +32,9 @@ def read_image(source: str | Path | bytes, mode: str = "RGB") -> np.ndarray:
     assert mode in ("RGB", "L"), mode
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            return to_uint8(ImageOps.exif_transpose(im), mode)
+            if im.getexif().get(ORIENTATION, 1) != 1:  # phones store rotation as a tag
+                im = ImageOps.exif_transpose(im)
+            return to_uint8(im, mode)
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # PIL refuses before decoding; the message has the sizes
@@ -50,7 +54,7 @@ def to_uint8(im: Image.Image, mode: str) -> np.ndarray:
     if mode == "RGB" and (im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (BACKGROUND,) * 3 + (255,)), rgba)
-    return np.asarray(im.convert(mode))
+    return np.asarray(im if im.mode == mode else im.convert(mode))  # no copy when already in mode
 
 
 def _scaled(pixels: np.ndarray, mode: str) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import webdataset as wds
+
 from ib.data.images import read_image
 from ib.data.masks import MaskError, load_mask
 from ib.errors import ConfigError
