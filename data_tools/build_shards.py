@@ -6,13 +6,15 @@ Input formats: data_tools/sources.py; filters and drop reasons: data_tools/filte
 ib/data/masks.py; the output schema: README.md ("Shard schema").
 
 Resumable: each output shard is written as NAME.tar.tmp and renamed to NAME.tar when complete; its
-counts then go to OUTPUT/.stats/NAME.json, and a re-run skips every shard that has them. A re-run with
-different settings is refused (OUTPUT/build.json holds them). OUTPUT/report.json: kept, dropped by reason.
+counts then go to OUTPUT/.stats/NAME.json, and a re-run skips every shard that has them. An OUTPUT holding
+another build's shards (other settings, OUTPUT/build.json, or .tar files of anything else) is refused, as
+readers would mix them in; --overwrite removes them first. OUTPUT/report.json: kept, dropped by reason.
 """
 import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 from collections import Counter
 from dataclasses import asdict
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-size", type=int, default=256, help="smallest shorter image side, px")
     p.add_argument("--max-side", type=int, default=0, help="downscale so the longer side is at most this (0: keep)")
     p.add_argument("--jpeg-quality", type=int, default=95, help="when an image must be re-encoded")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove the shards of an earlier build in --output and build afresh (without it, another "
+                        "build's shards there are refused and the same build resumes)")
     for column in ("image", "caption", "mask"):
         p.add_argument(f"--{column}-column", default=column, help=f"manifest column of the {column}")
     return p.parse_args(argv)
@@ -143,11 +148,9 @@ def build(a: argparse.Namespace) -> dict:
                 "kind": kind, "samples": sum(j.count for j in jobs),  # the input must not change under a resume
                 "shard_size": a.shard_size, "filters": asdict(cfg), "columns": asdict(columns)}
     out, stats_dir = a.output, a.output / ".stats"
-    previous = out / "build.json"
-    if previous.is_file() and json.loads(previous.read_text()) != settings:
-        raise InputError(f"--output: {out} holds shards built with other settings ({previous}); use a new folder")
+    check_output(out, a.input, kind, settings, jobs, a.overwrite)
     stats_dir.mkdir(parents=True, exist_ok=True)
-    write_json(previous, settings)
+    write_json(out / "build.json", settings)
 
     pending = [j for j in jobs if not (stats_dir / f"{j.name}.json").is_file()]
     workers = min(a.workers, max(1, sum(j.count for j in pending)))
@@ -174,6 +177,34 @@ def build(a: argparse.Namespace) -> dict:
             pool.terminate()
             pool.join()
     return write_report(out, jobs, stats_dir)
+
+
+def check_output(out: Path, spec: str, kind: str, settings: dict, jobs: list[Job], overwrite: bool) -> None:
+    """Refuse an output folder holding another build's shards (a reader takes every .tar there), or, with
+    overwrite, remove them. The same build (same settings, its own shard names) resumes."""
+    source = Path(spec).expanduser()
+    if kind == "img2dataset" and out.resolve() == (source if source.is_dir() else source.parent).resolve():
+        raise InputError(f"--output: {out} is the input folder; use another folder")  # output i = input i's name
+    if not out.is_dir():
+        return
+    previous = out / "build.json"
+    try:
+        same = previous.is_file() and json.loads(previous.read_text()) == settings
+    except (OSError, ValueError):
+        same = False  # unreadable: another build's, as far as can be told
+    ours = {j.name for j in jobs} if same else set()
+    foreign = sorted(p.name for p in out.glob("*.tar") if p.name not in ours)
+    if overwrite:
+        for name in [*out.glob("*.tar"), *out.glob("*.tar.tmp"), out / "report.json", previous]:
+            Path(name).unlink(missing_ok=True)
+        shutil.rmtree(out / ".stats", ignore_errors=True)
+    elif previous.is_file() and not same:
+        raise InputError(f"--output: {out} holds shards built with other settings ({previous}); use a new folder "
+                         "or --overwrite")
+    elif foreign:
+        raise InputError(f"--output: {out} holds {len(foreign)} shards of another build ({', '.join(foreign[:2])}"
+                         f"{', ...' if len(foreign) > 2 else ''}); "
+                         "use a new folder or --overwrite")
 
 
 def write_report(out: Path, jobs: list[Job], stats_dir: Path) -> dict:

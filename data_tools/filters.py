@@ -10,14 +10,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from data_tools.classes import ClassVocabulary
 from data_tools.sources import Item
+from ib.data.images import ORIENTATION, ImageError, read_image
 from ib.data.masks import MaskError, get_mask_backend, load_mask, mask_bbox, split_objects
-
-ORIENTATION = 0x0112  # the EXIF tag
 
 # Every reason a sample can be dropped for; report.json counts them.
 DROP_REASONS = ("unreadable_shard", "unreadable_image", "too_small", "no_caption", "no_class_noun",
@@ -56,6 +56,14 @@ def _read_caption(path: str | None) -> str:
         return ""  # missing or unusable: dropped as having no caption
 
 
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized with its downscaled image: area-averaged, then thresholded at half (stays binary)."""
+    if mask.shape == tuple(shape):
+        return mask
+    resized = cv2.resize(mask.astype(np.uint8) * 255, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+    return resized > 127
+
+
 def _encode(array: np.ndarray, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **kw)
@@ -71,35 +79,36 @@ class SampleBuilder:
         self.backend = None if cfg.mask_backend == "provided" else get_mask_backend(cfg.mask_backend,
                                                                                     **cfg.mask_options)
 
-    def _image(self, item: Item) -> tuple[np.ndarray, bytes | None]:
-        """(RGB pixels, the original bytes when they can be stored unchanged)."""
+    def _image(self, item: Item) -> tuple[np.ndarray, bytes | None, tuple[int, int]]:
+        """(RGB pixels, downscaled to max_side; the original bytes when they can be stored unchanged;
+        the (H, W) read, which a provided mask must have)."""
         try:
             data = _read(item.image)
-            pil = Image.open(io.BytesIO(data))
+            image = read_image(data)  # any bit depth and mode, EXIF rotation applied
+        except (OSError, ImageError) as e:
+            raise Dropped("unreadable_image", str(e)) from e
+        with Image.open(io.BytesIO(data)) as pil:  # the header: can the bytes be stored as they are?
             rotated = pil.getexif().get(ORIENTATION, 1) != 1  # phones store rotation as a tag
             unchanged = not rotated and pil.format == "JPEG" and pil.mode == "RGB"
-            rgb = (ImageOps.exif_transpose(pil) if rotated else pil).convert("RGB")
-            rgb.load()
-        except Exception as e:  # any unreadable file or bytes
-            raise Dropped("unreadable_image", str(e)) from e
-        if min(rgb.size) < self.cfg.min_size:
-            raise Dropped("too_small", f"{rgb.size}")
-        if self.cfg.max_side and max(rgb.size) > self.cfg.max_side:
-            scale = self.cfg.max_side / max(rgb.size)
-            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.LANCZOS)
+        read_shape = image.shape[:2]
+        if min(read_shape) < self.cfg.min_size:
+            raise Dropped("too_small", f"{read_shape[::-1]}")
+        if self.cfg.max_side and max(read_shape) > self.cfg.max_side:
+            scale = self.cfg.max_side / max(read_shape)
+            size = (round(read_shape[1] * scale), round(read_shape[0] * scale))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.LANCZOS))
             unchanged = False
-        return np.asarray(rgb), (data if unchanged else None)
+        return image, (data if unchanged else None), read_shape
 
-    def _mask(self, item: Item, image: np.ndarray, noun: str) -> np.ndarray:
+    def _mask(self, item: Item, image: np.ndarray, read_shape: tuple[int, int], noun: str) -> np.ndarray:
         if self.backend is None:
             if item.mask is None:
                 raise Dropped("no_mask")
             try:
-                data = _read(item.mask)
-                mask = load_mask(data, image.shape[:2])
+                mask = load_mask(_read(item.mask), read_shape)
             except (OSError, MaskError) as e:
                 raise Dropped("bad_mask", str(e)) from e
-            return mask
+            return resize_mask(mask, image.shape[:2])
         try:
             mask = np.asarray(self.backend(image, prompt=noun), dtype=bool)
         except Exception as e:  # one odd image must not end a long build; the report counts it
@@ -118,8 +127,8 @@ class SampleBuilder:
             raise Dropped("no_class_noun", caption)
         if len({m.cls for m in matches}) > 1:
             raise Dropped("several_classes", ", ".join(sorted({m.cls for m in matches})))
-        image, original = self._image(item)
-        mask, objects = split_objects(self._mask(item, image, matches[0].cls), self.cfg.min_object)
+        image, original, read_shape = self._image(item)
+        mask, objects = split_objects(self._mask(item, image, read_shape, matches[0].cls), self.cfg.min_object)
         area = float(mask.mean())
         if objects != 1 and area > 0:
             raise Dropped("several_objects", f"{objects}")
@@ -141,7 +150,6 @@ _builder: SampleBuilder | None = None
 def init_worker(cfg: dict) -> None:
     """Pool initializer: one SampleBuilder (and mask backend) per worker process."""
     global _builder
-    import cv2
     cv2.setNumThreads(1)  # the pool's processes are the parallelism
     _builder = SampleBuilder(FilterConfig(**cfg))
 

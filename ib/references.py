@@ -3,18 +3,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from ib.data.images import ImageError, read_image as read_pixels
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
 from ib.errors import ConfigError
 
 
 def read_image(path: str | Path, field_name: str, mode: str = "RGB") -> np.ndarray:
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert(mode))
-    except (OSError, UnidentifiedImageError) as e:
-        raise ConfigError(f"{field_name}: cannot read image {path}: {e.__class__.__name__}") from e
+        return read_pixels(Path(path), mode)
+    except ImageError as e:
+        raise ConfigError(f"{field_name}: cannot read image {path}: {e}") from e
 
 
 def load_references(images: list[str], masks: list[str] | None, size: int,

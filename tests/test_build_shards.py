@@ -332,3 +332,111 @@ def test_plugged_in_backend_by_import_path(tmp_path):
     assert (report["kept"], report["dropped"]) == (1, {"mask_failed": 1})
     s = check_schema(read_output(out)["a"])
     assert s["meta"]["bbox"] == [16, 16, 48, 48] and s["meta"]["mask_backend"] == "tests.test_build_shards:picky_backend"
+
+
+def test_max_side_downscales_provided_masks_with_their_images(captioned_folder, tmp_path):
+    out = tmp_path / "out"
+    assert build_folder(captioned_folder, out, "--max-side", 32) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["kept"], report["dropped"]) == (4, EXPECTED_DROPS)
+    decoded = {k: check_schema(s) for k, s in read_output(out).items()}
+    assert set(decoded) == {"ok_dog", "ok_puppies", "ok_speck", "sub_ok_png"}
+    for s in decoded.values():
+        assert s["image"].shape == (32, 32, 3) and s["mask"].shape == (32, 32)
+        assert s["meta"]["bbox"] == [5, 5, 20, 20] and s["mask"].sum() == 15 * 15  # the 64 px mask, halved
+
+
+def test_16bit_images_and_masks_and_huge_images(tmp_path):
+    """A 16-bit photo and its 16-bit mask are scaled, not clipped (white photo, all-object mask); a
+    decompression bomb is one dropped sample."""
+    from tests.test_images import RAMP8, RAMP16, bomb_png
+
+    photos = tmp_path / "photos"
+    photo = np.tile(RAMP16[:1], (64, 1))                             # (64, 64) grey ramp over the full range
+    mask = np.where(np.arange(64)[None, :] < 32, 40000, 30000).repeat(64, 0).astype(np.uint16)  # left half object
+    save(photos / "deep.png", photo)
+    save(photos / "deep.mask.png", mask)
+    bomb_png(photos / "huge.png")
+    save(photos / "huge.mask.png", np.zeros((8, 8), np.uint8))
+    for name in ("deep", "huge"):
+        (photos / f"{name}.txt").write_text("a dog")
+    out = tmp_path / "out"
+    assert run("--input", photos, "--output", out, "--classes", "dog", "--mask-backend", "provided",
+               "--min-size", 32, "--workers", 1, "--max-area", 0.9) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["kept"], report["dropped"]) == (1, {"unreadable_image": 1})
+    s = check_schema(read_output(out)["deep"])
+    assert s["meta"]["mask_area"] == 0.5 and s["mask"][:, :32].all()
+    assert np.abs(s["image"].astype(int) - RAMP8[:1, :, None]).max() <= 3  # JPEG-encoded
+
+
+def test_output_folder_of_another_build_is_refused_unless_overwrite(captioned_folder, synthetic_shards, tmp_path,
+                                                                    capsys):
+    """Shards already in --output (same names: shard-000000.tar ...) would be overwritten in part and read
+    together with the new ones. Refused, nothing written; --overwrite removes them first."""
+    out = tmp_path / "out"
+    shutil.copytree(synthetic_shards / "train", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len([n for n in before if n.endswith(".tar")]) == 3
+    assert build_folder(captioned_folder, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --output: {out} holds 3 shards of another build"), err
+    assert "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written
+
+    assert build_folder(captioned_folder, out, "--overwrite") == 0
+    assert set(read_output(out)) == {"ok_dog", "ok_puppies", "ok_speck", "sub_ok_png"}
+    assert sorted(p.name for p in out.iterdir()) == [".stats", "build.json", "report.json", "shard-000000.tar"]
+    assert build_folder(captioned_folder, out) == 0  # the same build again: a resume, nothing to do
+    assert "resuming: 1 of 1 shards already built" in capsys.readouterr().out
+
+    # Other settings: refused as before; with --overwrite the old build's shards are gone, not mixed in.
+    assert build_folder(captioned_folder, out, "--shard-size", 3) == 2
+    assert capsys.readouterr().err.startswith(f"error: --output: {out} holds shards built with other settings")
+    assert build_folder(captioned_folder, out, "--shard-size", 3, "--overwrite") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards"] == len(list(out.glob("*.tar"))) and len(read_output(out)) == report["kept"] == 4
+    assert len(list((out / ".stats").iterdir())) == 5  # 15 inputs in shards of 3
+    assert build_folder(captioned_folder, out, "--overwrite") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+    assert len(list((out / ".stats").iterdir())) == 1
+
+    # --output is the img2dataset input itself: its shards have the output's names. Refused even with --overwrite.
+    capsys.readouterr()
+    assert run("--input", out, "--output", out, "--classes", "dog", "--workers", 1, "--overwrite") == 2
+    assert capsys.readouterr().err.strip() == f"error: --output: {out} is the input folder; use another folder"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+
+
+def cluttered_photo(seed: int, size: int = 128) -> np.ndarray:
+    """A striped disc on a background of random rectangles: colours GrabCut's k-means can split many ways,
+    so its masks depend on OpenCV's random state, as they do on real photos."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3)) + rng.uniform(0, 255, 3)
+    for _ in range(30):
+        (x0, y0), (w, h) = rng.integers(0, size, 2), rng.integers(5, size // 2, 2)
+        image[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+    y, x = np.mgrid[0:size, 0:size]
+    disc = np.hypot(x - size / 2, y - size / 2) < size * 0.3
+    image[disc] = rng.uniform(0, 255, (3, 3))[(x[disc] // 6) % 3]
+    return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+
+
+def test_grabcut_masks_are_the_same_in_every_build_workers_and_resumes(tmp_path):
+    photos = tmp_path / "photos"
+    for i in range(8):
+        save(photos / f"p{i}.png", cluttered_photo(i))
+        (photos / f"p{i}.txt").write_text("a ball")
+
+    def build(out: Path, workers: int) -> tuple[dict, dict]:
+        assert run("--input", photos, "--output", out, "--classes", "ball", "--min-size", 64, "--shard-size", 4,
+                   "--workers", workers) == 0
+        return json.loads((out / "report.json").read_text()), {k: s["png"] for k, s in read_output(out).items()}
+
+    report, masks = build(tmp_path / "a", 1)
+    assert report["kept"] >= 3 and "mask_failed" not in report["dropped"], report
+    assert build(tmp_path / "b", 1) == (report, masks)  # again in this process: OpenCV's random state moved on
+    assert build(tmp_path / "c", 2) == (report, masks)  # two worker processes share the images out differently
+    (tmp_path / "c" / "shard-000001.tar").unlink(missing_ok=True)
+    (tmp_path / "c" / ".stats" / "shard-000001.tar.json").unlink()
+    assert build(tmp_path / "c", 1) == (report, masks)  # a resume

@@ -1,6 +1,7 @@
 """Mask backends (ib/data/masks.py): GrabCut with no weights, the registry, provided masks, a model backend."""
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -98,3 +99,13 @@ def test_clipseg_backend_loads_a_checkpoint_folder(tmp_path):
         backend(image)
     with pytest.raises(MaskError, match="cannot load"):
         get_mask_backend("clipseg", model=str(tmp_path / "absent"))
+
+
+def test_16bit_mask_is_object_from_half_the_full_range():
+    """A 16-bit mask (cv2.imwrite of uint16, PIL's I;16): at least 32768 = object, as >127 is for 8 bits."""
+    values = np.tile(np.arange(0, 65536, 64, dtype=np.uint16), (4, 1))  # (4, 1024): each value band equally
+    ok, png = cv2.imencode(".png", values)
+    mask = load_mask(png.tobytes(), values.shape)
+    assert mask.mean() == 0.5 and np.array_equal(mask, values >= 32768)
+    ok, png = cv2.imencode(".png", np.where(values >= 32768, 65535, 0).astype(np.uint16))
+    assert np.array_equal(load_mask(png.tobytes(), values.shape), mask)

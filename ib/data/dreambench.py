@@ -11,8 +11,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ib.data.images import ImageError, read_image
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
 from ib.errors import ConfigError
 
@@ -106,9 +106,8 @@ def read_dreambench(root: str | Path, live_classes=LIVE_CLASSES, field_name: str
 def load_image(path: Path) -> np.ndarray:
     """(H, W, 3) uint8, RGB."""
     try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except OSError as e:
+        return read_image(Path(path))
+    except ImageError as e:
         raise ConfigError(f"--data: cannot read image {path}: {e}") from e
 
 

@@ -10,12 +10,13 @@ or name a factory by import path: `get_mask_backend("my_pkg.sam:make_backend", c
 Used by data_tools.build_shards and by anything that needs a mask for a reference photo.
 """
 import importlib
-import io
+import zlib
 from typing import Callable, Protocol
 
 import cv2
 import numpy as np
-from PIL import Image
+
+from ib.data.images import ImageError, read_image
 
 
 class MaskError(ValueError):
@@ -59,10 +60,11 @@ def get_mask_backend(name: str, **options) -> MaskBackend:
 
 
 def load_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """A provided mask (any image format PIL reads; >127 = object) -> (H, W) bool of the image's size."""
+    """A provided mask (any image format PIL reads; at least half the full range = object: >127 of 8 bits,
+    >=32768 of 16) -> (H, W) bool of the image's size."""
     try:
-        mask = np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 127
-    except Exception as e:  # any undecodable bytes
+        mask = read_image(data, mode="L") > 127
+    except ImageError as e:
         raise MaskError(f"cannot decode mask: {e}") from e
     if mask.shape != tuple(shape):
         raise MaskError(f"mask {mask.shape} does not match image {tuple(shape)}")
@@ -86,12 +88,15 @@ class GrabCut:
     """OpenCV GrabCut seeded from a box (default: the frame inset by `margin` on each side).
 
     Runs at `work_size` px on the long side (GrabCut's cost grows with pixels; masks are upscaled back).
+    Reproducible: its k-means start draws from OpenCV's per-thread random state, which is seeded before each
+    image from `seed` and the image's pixels, so a mask does not depend on which images the thread (or worker
+    process) segmented before.
     """
 
-    def __init__(self, margin: float = 0.05, iterations: int = 5, work_size: int = 256):
+    def __init__(self, margin: float = 0.05, iterations: int = 5, work_size: int = 256, seed: int = 0):
         if not 0 <= margin < 0.5:
             raise MaskError(f"grabcut margin must be in [0, 0.5), got {margin}")
-        self.margin, self.iterations, self.work_size = margin, iterations, work_size
+        self.margin, self.iterations, self.work_size, self.seed = margin, iterations, work_size, seed
 
     def __call__(self, image: np.ndarray, box: list[int] | None = None, prompt: str | None = None) -> np.ndarray:
         h, w = image.shape[:2]
@@ -106,6 +111,8 @@ class GrabCut:
         rect = (int(x0), int(y0), max(1, int(x1 - x0)), max(1, int(y1 - y0)))
         labels = np.zeros((sh, sw), np.uint8)
         models = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        pixels = np.ascontiguousarray(small).tobytes()
+        cv2.setRNGSeed(zlib.crc32(pixels, self.seed & 0xFFFFFFFF) & 0x7FFFFFFF)  # it takes a C int
         try:
             cv2.grabCut(cv2.cvtColor(small, cv2.COLOR_RGB2BGR), labels, rect, *models, self.iterations,
                         cv2.GC_INIT_WITH_RECT)

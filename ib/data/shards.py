@@ -8,8 +8,8 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
+from ib.data.images import read_image
 from ib.data.masks import MaskError, load_mask
 from ib.errors import ConfigError
 
@@ -90,10 +90,10 @@ def decode_sample(sample: dict) -> dict:
         if field not in sample:
             raise BadSample(f"{key}: missing '{field}'")
     try:
-        image = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
+        image = read_image(sample["jpg"])
         meta = json.loads(sample["json"])
         caption = sample["txt"].decode("utf-8").strip()
-    except Exception as e:  # undecodable bytes of any kind, truncated images included
+    except Exception as e:  # undecodable bytes of any kind (ImageError included), truncated images too
         raise BadSample(f"{key}: cannot decode: {e}") from e
     try:
         mask = load_mask(sample["png"], image.shape[:2])
