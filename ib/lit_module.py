@@ -154,14 +154,16 @@ class InstantBoothModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {f"model.{k}": v for k, v in self.model.trainable_state_dict().items()}
         checkpoint["nonfinite_steps"] = self.nonfinite.total
-        # Every rank's count summed (this hook runs on all ranks); a resumed rank 0 carries it on.
-        mine = torch.tensor(float(self.skipped_samples), device=self.device)
-        total = self.trainer.strategy.reduce(mine, reduce_op="sum")
-        checkpoint["skipped_samples"] = int(total.item())
+        # Every rank's count summed (in a Trainer this hook runs on all ranks); a resumed rank 0 carries it on.
+        total = float(self.skipped_samples)
+        if self._trainer is not None:
+            total = self.trainer.strategy.reduce(torch.tensor(total, device=self.device), reduce_op="sum").item()
+        checkpoint["skipped_samples"] = int(total)
 
     def on_load_checkpoint(self, checkpoint):
         self.nonfinite.total = checkpoint.get("nonfinite_steps", 0)
-        self.skipped_samples = checkpoint.get("skipped_samples", 0) if self.trainer.is_global_zero else 0
+        rank_zero = self._trainer is None or self.trainer.is_global_zero
+        self.skipped_samples = checkpoint.get("skipped_samples", 0) if rank_zero else 0
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         state = {k.removeprefix("model."): v for k, v in state_dict.items()}

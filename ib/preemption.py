@@ -58,6 +58,10 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     how the DataLoader ends a worker that does not answer (torch's own worker handler does the same). Workers
     start with them blocked already (WorkerSignalsLoader), so none can arrive before this runs.
     """
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: plain ignore (its DataLoader cannot then SIGTERM a worker)
+        for signum in WORKER_IGNORED_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        return
     signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORED_SIGNALS)
     threading.Thread(target=_exit_on_parent_sigterm, args=(os.getppid(),), daemon=True).start()
 

@@ -89,3 +89,15 @@ class KeyRecorder(L.Callback):
         path = self.path.with_name(f"{self.path.name}{trainer.global_rank}")
         with path.open("a") as f:
             f.write(json.dumps({"step": trainer.global_step, "keys": self.keys}) + "\n")
+
+
+class WeightsEveryStep(L.Callback):
+    """Saves the trainable weights after every training step (rank 0) to out_dir/step{N}.pt."""
+
+    def __init__(self, out_dir: str):
+        self.out = Path(out_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.is_global_zero:
+            self.out.mkdir(parents=True, exist_ok=True)
+            torch.save(trainable_state(pl_module), self.out / f"step{trainer.global_step}.pt")
