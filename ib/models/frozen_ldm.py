@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -30,6 +32,13 @@ ARCHITECTURE_FIELDS = {
                            "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id",
                            "bos_token_id", "eos_token_id"),
 }
+
+
+# Sampling schedulers by name; each is built from the training noise schedule (`FrozenLDM.sampling_scheduler`).
+# dpm++: DPM-Solver++ (2M), the usual choice at 20-25 steps.
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
+              "euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
+              "unipc": UniPCMultistepScheduler}
 
 
 @dataclass
@@ -147,11 +156,10 @@ class FrozenLDM(nn.Module):
         self.noise_scheduler.save_pretrained(folder / "scheduler")
 
     def sampling_scheduler(self, kind: str = "ddim"):
-        """A fresh inference scheduler sharing the training noise schedule."""
-        kinds = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-        if kind not in kinds:
-            raise ConfigError(f"sampling.scheduler: unknown '{kind}' (one of {sorted(kinds)})")
-        return kinds[kind].from_config(self.noise_scheduler.config)
+        """A fresh inference scheduler (a name in SCHEDULERS) sharing the training noise schedule."""
+        if kind not in SCHEDULERS:
+            raise ConfigError(f"sampling.scheduler: unknown '{kind}' (one of {', '.join(SCHEDULERS)})")
+        return SCHEDULERS[kind].from_config(self.noise_scheduler.config)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

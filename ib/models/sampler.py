@@ -1,14 +1,15 @@
 """The one sampling path (validation, `ib generate`, `ib evaluate`): balanced sampling (β), concept
 renormalization (α) and classifier-free guidance over any number of reference images."""
+import inspect
 from dataclasses import dataclass
 
 import torch
 
 from ib.errors import ConfigError
+from ib.models.frozen_ldm import SCHEDULERS
 from ib.models.instantbooth import InstantBooth
 from ib.models.speed import frozen_autocast, noise_predictor, visual_kv_cache
 
-SCHEDULERS = ("ddim", "ddpm")  # FrozenLDM.sampling_scheduler
 
 
 @dataclass
@@ -51,9 +52,12 @@ def output_size(model: InstantBooth, cfg: SamplingConfig) -> tuple[int, int]:
     return cfg.height or model.ldm.image_size, cfg.width or model.ldm.image_size
 
 
-def initial_noise(shape: tuple, seeds: list[int], device, dtype) -> torch.Tensor:
-    """One generator per image, so image i depends on its seed only, not on the batch it is in."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device, dtype)
+def initial_noise(shape: tuple, seeds: list[int], device, dtype,
+                  generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """One generator per image, so image i depends on its seed only, not on the batch it is in. `generators`
+    (one per seed, made here if not given) go on to draw the noise that ancestral schedulers add per step."""
+    generators = generators or [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
 
 
 @torch.no_grad()
@@ -94,8 +98,12 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
     # with device tensors would make the CPU wait for the GPU at every step. The UNet gets device copies.
     sched.set_timesteps(cfg.steps)
     unet_timesteps = sched.timesteps.to(device)
-    latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    latents = initial_noise((unet.config.in_channels, height // scale, width // scale), seeds, device, dtype,
+                            generators)
     latents = latents * sched.init_noise_sigma
+    # Ancestral schedulers (ddpm, euler_a) draw noise at every step: from the images' own generators.
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(sched.step).parameters else {}
     visual_kv = visual_kv_cache(model, visual)  # None unless speed.cache_visual_kv
     predict_noise = noise_predictor(model)  # CUDA-graph replay if speed.cuda_graphs_sampling
     for i, t in enumerate(sched.timesteps):
@@ -106,5 +114,5 @@ def _sample(model: InstantBooth, refs: torch.Tensor | None, prompts: list[str], 
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
-        latents = sched.step(eps, t, latents).prev_sample
+        latents = sched.step(eps, t, latents, **step_kwargs).prev_sample
     return model.decode_latents(latents).float()
