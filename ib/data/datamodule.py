@@ -42,11 +42,11 @@ class SampleTransform:
     """Decoded sample -> training example. Picklable, so it runs inside DataLoader workers.
 
     In training the random draws (target crop and flip, reference box jitter and augmentations) come from
-    generators seeded per sample: the training stream passes a seed made from the sample's place in it, so
-    the same seed gives the same pixels, run after run, and a resumed stream need not replay the draws of
-    the samples it skips. Called without one, each call takes the next seed of (seed, calls so far). Left
-    alone, albumentations' Compose and np.random.default_rng() take fresh OS entropy, which neither
-    `seed_everything` nor the DataLoader's worker seeding reaches.
+    generators that `reseed` sets and that then run on from sample to sample; the training stream reseeds them
+    at the start of every epoch of every worker, from (seed, epoch, rank, worker), so the same seed gives the
+    same pixels, run after run (until reseeded they start from `seed`). Left alone, albumentations' Compose
+    and np.random.default_rng() take fresh OS entropy, which neither `seed_everything` nor the DataLoader's
+    worker seeding reaches.
     """
 
     def __init__(self, image_size: int, reference_size: int, identifier: str, augment: ReferenceAugment,
@@ -55,23 +55,24 @@ class SampleTransform:
         self.target = target_transform(image_size, train)
         self.fixed_target = target_transform(image_size, train=False)  # the crop precomputed latents were made from
         self.reference = reference_transform(reference_size, augment, train)
-        self.seed, self.calls = seed, 0
+        self.seed = seed
+        self._rng: np.random.Generator | None = None  # set in the process that runs the transform
 
-    def _seeded_generator(self, seed: int | None) -> np.random.Generator:
-        if seed is None:
-            seed, self.calls = wds.utils.make_seed(self.seed, self.calls), self.calls + 1
+    def reseed(self, seed: int) -> None:
         # One generator shared by all steps of a Compose: Compose(seed=...) would give every step its own copy
         # of the same stream, so that e.g. the flip and the colour jitter draw the same numbers.
         for i, compose in enumerate((self.target, self.reference), start=1):
             compose.set_random_state(np.random.default_rng([seed, i]), random.Random(f"{seed}/{i}"))
-        return np.random.default_rng([seed, 0])
+        self._rng = np.random.default_rng([seed, 0])
 
-    def __call__(self, s: dict, seed: int | None = None) -> dict:
+    def __call__(self, s: dict) -> dict:
         noun = s["meta"].get("noun") or s["meta"]["class"]  # the word in the caption (a synonym or plural)
         caption = insert_identifier(s["caption"], noun, self.identifier)
         if caption is None:
             raise BadSample(f"{s['__key__']}: class noun '{noun}' not in caption")
-        rng = self._seeded_generator(seed) if self.train else None
+        if self.train and self._rng is None:
+            self.reseed(self.seed)
+        rng = self._rng if self.train else None
         obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
         ref = self.reference(image=obj)["image"]
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy

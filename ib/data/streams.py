@@ -3,8 +3,9 @@
 Training (`TrainStream`) is a function of (loader seed, epoch, rank, worker) and nothing else: epoch e of a
 resumed run is epoch e of an uninterrupted one, and a run resumed inside an epoch skips exactly what its
 workers had delivered (the positions come from the checkpoint; see InstantBoothDataModule.state_dict).
-Every sample's augmentations are seeded by its place in the stream, so skipped samples need reading, not
-decoding. Exact as long as the shards, ranks, workers, batch size and seed stay the same.
+The augmentations draw from generators that run on from sample to sample, so a resumed worker re-runs the
+transforms of what it had delivered (and throws the results away) to bring them to the same state.
+Exact as long as the shards, ranks, workers, batch size and seed stay the same.
   resampled (default): every (rank, worker) draws shards with replacement from the whole list. Suits any
     number of shards, ranks and workers.
   not resampled: the shard list is split by rank, then by worker, so every (rank, worker) owns a disjoint
@@ -118,20 +119,25 @@ class TrainStream(torch.utils.data.IterableDataset):
             worker = (worker + self.next_turn) % self.workers
         delivered, read = self.resume.get(worker, (0, 0)) if epoch == self.first_epoch else (0, 0)
         seed = wds.utils.make_seed(self.seed, epoch, self.rank, worker)
+        self.transform.reseed(seed)
         counter, position = self.counter, read
 
         def examples():
             nonlocal position
-            for index, raw in itertools.islice(enumerate(self._raw_samples(seed, worker, counter)), read, None):
-                position = index + 1
+            for index, raw in enumerate(self._raw_samples(seed, worker, counter)):
+                replay = index < read  # delivered before the checkpoint: re-run for the augmentations' state
                 try:
-                    example = self.transform(self.decode(raw), seed=wds.utils.make_seed(seed, index))
+                    example = self.transform(self.decode(raw))
                 except ConfigError:
                     raise
                 except Exception as e:  # noqa: BLE001 — any broken sample is skipped and counted
-                    counter.skip(e)
+                    if not replay:
+                        position = index + 1
+                        counter.skip(e)
                     continue
-                yield counter.good(example)
+                if not replay:
+                    position = index + 1
+                    yield counter.good(example)
 
         # Batched here, not with wds.batched: that reads the next batch's first sample before it yields, and
         # `position` must end at this batch's last one.
