@@ -23,7 +23,7 @@ FIT_CASES = {
     "scheduler_no_timesteps": (["--model.ldm.scheduler.num_train_timesteps", "0"], "model.ldm.scheduler.num_train_timesteps"),
     "scheduler_unknown_key": (["--model.ldm.scheduler.beta_ends", "0.02"], "model.ldm.scheduler.beta_ends"),
     "scheduler_beta_not_a_number": (["--model.ldm.scheduler.beta_end", "abc"], "model.ldm.scheduler.beta_end"),
-    "sampling_unknown_scheduler": (["--model.sampling.scheduler", "euler"], "model.sampling.scheduler"),
+    "sampling_unknown_scheduler": (["--model.sampling.scheduler", "heun9"], "model.sampling.scheduler"),
     "sampling_height_not_a_vae_multiple": (["--model.sampling.height", "30"], "model.sampling.height"),
     "image_size_not_a_vae_multiple": (["--data.image_size", "66"], "data.image_size"),
     "bf16_frozen_parts_without_autocast": (["--model.speed.frozen_dtype", "bfloat16"], "model.speed.frozen_dtype"),
@@ -170,7 +170,7 @@ GENERATE_CASES = {  # flags -> the flag the message must start with
     "width_zero": (["--width", "0"], "--width"),
     "steps_zero": (["--steps", "0"], "--steps"),
     "negative_guidance": (["--guidance-scale", "-1"], "--guidance-scale"),
-    "unknown_scheduler": (["--scheduler", "euler"], "--scheduler"),
+    "unknown_scheduler": (["--scheduler", "heun9"], "--scheduler"),
     "not_an_int": (["--num-images", "two"], "--num-images"),
 }
 
@@ -239,7 +239,7 @@ def test_evaluate_out_is_a_file(tmp_path, weights, capsys):
         msg = _one_line(capsys, ["evaluate", "--weights", str(weights), "--data", str(data), "--out", str(out),
                                  "--backbones", backbones, "--steps", "1"])
         assert msg.startswith("ib: error: --out:") and str(tmp_path / "file") in msg, msg
-    for flags, flag in ((["--scheduler", "euler"], "--scheduler"), (["--beta", "2"], "--beta"),
+    for flags, flag in ((["--scheduler", "heun9"], "--scheduler"), (["--beta", "2"], "--beta"),
                         (["--guidance-scale", "-1"], "--guidance-scale")):
         msg = _one_line(capsys, ["evaluate", "--weights", str(weights), "--data", str(data), "--out",
                                  str(tmp_path / "o"), "--backbones", backbones, *flags])
