@@ -21,7 +21,7 @@ The meta device has no autocast, so CUDA autocast's policy is emulated above aut
 matmul/conv/linear/attention inputs cast to bf16; layer_norm, group_norm, softmax, exp, pow, sum, mse_loss
 to fp32 (the documented CUDA float32 list); everything else by type promotion. With CPU autocast's lists
 the same mechanism reproduces a real CPU autocast's saved tensors exactly (checked at tiny scale);
-calibration against the H200 peaks measured on 2026-11-28 is in the README.
+calibration against the H200 peaks measured on 2026-11-28 is in docs/benchmarks.md.
 
 Usage: python bench/estimate_step.py [--batch 32] [--scale sd15|tiny] [--refs 1] [--out bench/results]
 """

@@ -3,7 +3,7 @@
     python -m data_tools.build_shards --input PATH --output DIR --classes dog,cat [--mask-backend grabcut]
 
 Input formats: data_tools/sources.py; filters and drop reasons: data_tools/filters.py; mask backends:
-ib/data/masks.py; the output schema: README.md ("Shard schema").
+ib/data/masks.py; the output schema: docs/data.md ("Shard schema").
 
 Resumable: each output shard is written as NAME.tar.tmp and renamed to NAME.tar when complete; its
 counts then go to OUTPUT/.stats/NAME.json, and a re-run skips every shard that has them. An OUTPUT holding

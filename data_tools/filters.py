@@ -118,7 +118,7 @@ class SampleBuilder:
         return mask
 
     def build(self, item: Item) -> dict:
-        """The sample (the schema of README.md) or Dropped."""
+        """The sample (the schema of docs/data.md) or Dropped."""
         caption = " ".join((item.caption if item.caption is not None else _read_caption(item.caption_file)).split())
         if not caption:
             raise Dropped("no_caption")

@@ -2,7 +2,7 @@
 
 Identity lives in the pixels only: captions name the class noun and the context, never the colours or the
 texture, so a model can only get a concept's look from its reference images. Train and validation are
-split by concept. Output (WebDataset shards, schema in README.md):
+split by concept. Output (WebDataset shards, schema in docs/data.md):
 
     OUTPUT/train/shard-000000.tar ...   OUTPUT/val/shard-000000.tar ...   OUTPUT/manifest.json
 

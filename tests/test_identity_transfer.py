@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 BASE_STEPS, VAE_STEPS, IB_STEPS = 1100, 300, 700
 # conf/toy_instantbooth.yaml's learning rates x 4 for the 700-step schedule (x 1, 2, 4, 8 measured: x 4 gave the
-# widest object-region gap on both seeds tried; README, "Does it learn?").
+# widest object-region gap on both seeds tried; docs/identity-experiment.md).
 IB_LR = {"model.optim.lr_heads": 4e-3, "model.optim.lr_adapters": 2e-3}
 # Own-vs-shuffled loss reductions this run must reach. Measured with IB_LR (object region / whole image):
 # seed 0 (the test's) 9.4 % / 4.3 %, seed 1 4.6 % / 2.3 %. References ignored on the injection path give

@@ -1,7 +1,7 @@
 """Albumentations pipelines: the target image, and the reference (masked object crop) for the encoders.
 
 The reference is the same image's object, cropped by its mask, background filled, then heavily augmented
-(DESIGN.md §1) so the model cannot just copy pixels into the target.
+so the model cannot just copy pixels into the target.
 """
 from dataclasses import dataclass
 

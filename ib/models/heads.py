@@ -1,4 +1,4 @@
-"""The trainable heads on the frozen image backbone (DESIGN.md §1, parts 1 and 3)."""
+"""The trainable heads on the frozen image backbone."""
 import torch
 from torch import nn
 

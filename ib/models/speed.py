@@ -15,7 +15,7 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
     sdpa                    diffusers attention through `AttnProcessor2_0` (torch SDPA: flash / memory-
                             efficient kernels). False selects the classic processor, only to measure it.
     channels_last           UNet and VAE weights in channels-last memory format (measured slower on an H200:
-                            training 0.87x; README "Benchmarks").
+                            training 0.87x; docs/benchmarks.md).
     compile_blocks          regional `torch.compile` with static shapes: each repeated block (BasicTransformerBlock
                             with its adapter, ResnetBlock2D) compiled on its own, avoiding the Inductor failure
                             of the whole-UNet training compile. Sampling 1.43x on an H200, but each new shape
