@@ -45,9 +45,12 @@ sys.path.insert(0, str(ROOT))
 
 from ib.models.frozen_ldm import LDMConfig  # noqa: E402
 from ib.models.image_encoder import ImageEncoderConfig  # noqa: E402
+from ib.models.frozen_ldm import FrozenLDM  # noqa: E402
+from ib.models.image_encoder import FrozenImageEncoder  # noqa: E402
 from ib.models.instantbooth import InstantBooth  # noqa: E402
-from ib.models.sampler import SamplingConfig, sample  # noqa: E402
-from ib.models.speed import SpeedConfig, apply_speed, attention_backends  # noqa: E402
+from ib.models.sampler import SamplingConfig  # noqa: E402
+from ib.models.speed import SpeedConfig, attention_backends, check_speed  # noqa: E402
+from ib.pipeline import InstantBoothPipeline, generate  # noqa: E402
 
 CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
 DEFAULTS = {  # per scale: what a run on its intended device can afford
@@ -159,11 +162,10 @@ class Bench:
         ldm = LDMConfig(**dict(m["ldm"], pretrained=None))  # random weights of the architecture
         enc = ImageEncoderConfig(**dict(m["image_encoder"], pretrained=None))
         t = time.time()
-        self.base = InstantBooth.from_config(ldm, enc).to(self.dev)
+        # The frozen parts, built once; every variant is a copy with its own speed switches.
+        self.frozen = (FrozenLDM.from_config(ldm).to(self.dev), FrozenImageEncoder.build(enc).to(self.dev))
+        self.base = self.variant(SpeedConfig())
         self.build_s = time.time() - t
-        with torch.no_grad():
-            for ad in self.base.adapters:
-                ad.gate.fill_(GATE)
         self.image_size = self.base.ldm.image_size
         self.ref_size = self.base.image_encoder.image_size
         self.flops_cache = {}
@@ -209,8 +211,17 @@ class Bench:
         return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=on)
 
     def variant(self, cfg: SpeedConfig, inference: bool = False) -> InstantBooth:
+        """A copy of the frozen parts with new heads and adapters (the same for every variant: seeded), built
+        with the switches `cfg`; adapter gates opened so the adapters' compute is not skipped."""
         self.reset_memory()
-        return apply_speed(copy.deepcopy(self.base), cfg, device=self.dev, inference=inference)
+        check_speed(cfg, self.dev.type)
+        torch.manual_seed(0)
+        ldm, encoder = (copy.deepcopy(m) for m in self.frozen)
+        model = InstantBooth(ldm, encoder, speed=cfg, inference=inference).to(self.dev)
+        with torch.no_grad():
+            for ad in model.adapters:
+                ad.gate.fill_(GATE)
+        return model
 
     # --- training ---
     def train_batch(self, bs, model, cfg: SpeedConfig):
@@ -272,24 +283,24 @@ class Bench:
         g = torch.Generator().manual_seed(1)
         refs = torch.rand(bs, n_refs, 3, *self.ref_size, generator=g).to(self.dev) if n_refs else None
         cfg = SamplingConfig(steps=a.sample_steps, guidance_scale=a.guidance_scale, use_concept=n_refs > 0)
-        first, s = self.timed(lambda: sample(model, refs, [PROMPT] * bs, cfg, seeds=list(range(bs))),
+        pipe = InstantBoothPipeline.from_model(model, cfg.scheduler)
+        first, s = self.timed(lambda: generate(pipe, refs, [PROMPT] * bs, cfg, seeds=list(range(bs))),
                               1, a.sample_iters)
         return {"bs": bs, "refs": n_refs, "s_per_batch": round(s, 4), "s_per_image": round(s / bs, 4),
                 "first_run_s": round(first, 2), "peak_mem_GiB": self.peak_gib()}
 
     def graph_check(self, model) -> dict:
-        """Graph replay against the same model called eagerly: the same images (bs 1, 1 reference)."""
+        """Graph replay against the same weights called eagerly: the same images (bs 1, 1 reference)."""
         g = torch.Generator().manual_seed(2)
         refs = torch.rand(1, 1, 3, *self.ref_size, generator=g).to(self.dev)
         cfg = SamplingConfig(steps=self.a.sample_steps, guidance_scale=self.a.guidance_scale)
-        graphed = sample(model, refs, [PROMPT], cfg, seeds=[3])
-        keep, model.graphed_predict_noise = model.graphed_predict_noise, None
-        try:
-            eager = sample(model, refs, [PROMPT], cfg, seeds=[3])
-        finally:
-            model.graphed_predict_noise = keep
-        return {"max_abs_diff": float((graphed - eager).abs().max()), "graphs_captured": len(keep.graphs),
-                "what": "images in [0, 1] from graph replay vs the same model called eagerly, bs 1, 1 reference"}
+        graphed = generate(InstantBoothPipeline.from_model(model), refs, [PROMPT], cfg, seeds=[3])
+        eager_model = self.variant(dataclasses.replace(model.speed, cuda_graphs_sampling=False), inference=True)
+        eager = generate(InstantBoothPipeline.from_model(eager_model), refs, [PROMPT], cfg, seeds=[3])
+        del eager_model
+        return {"max_abs_diff": float((graphed - eager).abs().max()),
+                "graphs_captured": len(model.noise_predictor().graphs),
+                "what": "images in [0, 1] from graph replay vs the same weights called eagerly, bs 1, 1 reference"}
 
     # --- DreamBooth-style baseline ---
     def dreambooth(self, cfg: SpeedConfig) -> dict:

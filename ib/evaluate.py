@@ -21,16 +21,17 @@ import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, reference_images, to_tensor  # noqa: E402
+from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, to_tensor  # noqa: E402
+from ib.data.references import prepare_references  # noqa: E402
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
-from ib.generate import sampling_from_args  # noqa: E402
+from ib.generate import add_model_arguments, load_pipeline, sampling_from_args  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.models.identifier import strip_identifier  # noqa: E402
-from ib.models.sampler import SCHEDULERS, SamplingConfig, sample  # noqa: E402
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset  # noqa: E402
-from ib.weights import load_instantbooth  # noqa: E402
+from ib.models.sampler import SCHEDULERS, SamplingConfig  # noqa: E402
+from ib.models.speed import check_speed_preset, default_preset  # noqa: E402
+from ib.pipeline import WEIGHTS_FILE, generate  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
 REPORT_FILE = "report.json"
@@ -38,7 +39,7 @@ REPORT_FILE = "report.json"
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="ib evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--weights", required=True, help="a Lightning .ckpt or an `ib export` .safetensors")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="a DreamBench-layout folder (subject folders + prompts_and_classes.txt)")
     p.add_argument("--out", required=True, help="folder for the generated images and report.json")
     p.add_argument("--max-subjects", type=int, help="the first N subjects (sorted as in the prompts file)")
@@ -58,8 +59,6 @@ def build_parser() -> OneLineParser:
     b.add_argument("--clip-pretrained", help="open_clip tag (openai) or checkpoint file; 'none' for random weights")
     b.add_argument("--dino-model", help="timm architecture")
     b.add_argument("--dino-weights", help="DINO checkpoint file (original layout, e.g. dino_deitsmall16_pretrain.pth, or timm's)")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
-    p.add_argument("--speed", choices=sorted(SPEED_PRESETS), help=SPEED_HELP + " (default: graphs on CUDA, off on CPU)")
     return p
 
 
@@ -107,6 +106,8 @@ def backbone_configs(args) -> tuple[ClipBackboneConfig, DinoBackboneConfig]:
 
 
 def _file_digest(path: str) -> str:
+    if Path(path).is_dir():  # a saved pipeline: its trained part
+        path = Path(path) / WEIGHTS_FILE
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -167,7 +168,7 @@ def _mean(values: list[float | None]) -> float | None:
 
 def evaluate(args) -> dict:
     _positive(args, "max_subjects", "max_prompts", "num_images", "steps")
-    if not Path(args.weights).is_file():  # checked again on loading; here to fail before anything is built
+    if not Path(args.weights).exists():  # checked again on loading; here to fail before anything is built
         raise ConfigError(f"--weights: file not found: {args.weights}")
     check_creatable_folder(Path(args.out), "--out")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
@@ -178,16 +179,14 @@ def evaluate(args) -> dict:
     speed = getattr(args, "speed", None) or default_preset(device.type)
     check_speed_preset(speed, device)
 
-    model, hparams = load_instantbooth(args.weights)
-    apply_speed_preset(model, speed, device)
-    model.to(device)
-    identifier = model.identifier
-    sampling = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args, model.ldm.vae_scale_factor)
+    pipe = load_pipeline(args, speed, device)
+    model, identifier = pipe.model, pipe.identifier
+    sampling = sampling_from_args(pipe.defaults, args, model.ldm.vae_scale_factor)
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
     out = Path(args.out)
     # The speed preset is part of what made the images (bf16 gives other bits): a resume must not mix them.
-    settings = {"weights_sha256": _file_digest(args.weights), "sampling": asdict(sampling), "seed": args.seed,
+    settings = {"weights_sha256": _file_digest(args.weights), "base": args.base, "sampling": asdict(sampling), "seed": args.seed,
                 "identifier": identifier, "speed": speed}
     check_out_folder(out, settings)
 
@@ -197,7 +196,7 @@ def evaluate(args) -> dict:
     with tqdm(total=total, desc="ib evaluate", unit="prompt") as bar:
         for subject in subjects:
             photos = [load_image(p) for p in subject.images]
-            refs = reference_images(photos, ref_size).to(device)
+            refs = prepare_references(photos, size=ref_size, field="--data").to(device)
             reals = [to_tensor(p) for p in photos]
             generated, prompts = [], []
             for j, prompt in enumerate(bench.prompts(subject, identifier)[:args.max_prompts]):
@@ -205,8 +204,8 @@ def evaluate(args) -> dict:
                          for i in range(args.num_images)]
                 todo = [i for i, p in enumerate(paths) if not _readable(p)]
                 if todo:
-                    images = sample(model, refs[None].expand(len(todo), *refs.shape), [prompt] * len(todo),
-                                    sampling, seeds=[args.seed + i for i in todo])
+                    images = generate(pipe, refs[None].expand(len(todo), *refs.shape), [prompt] * len(todo),
+                                      sampling, seeds=[args.seed + i for i in todo])
                     paths[0].parent.mkdir(parents=True, exist_ok=True)
                     for i, image in zip(todo, images):
                         _save(image, paths[i])

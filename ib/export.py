@@ -1,23 +1,25 @@
-"""`ib export`: a checkpoint's trainable weights as one safetensors file with the config to rebuild the model.
+"""`ib export`: a checkpoint's trained weights as one safetensors file, named by their diffusers module paths.
 
     ib export --ckpt runs/default/checkpoints/last.ckpt --out instantbooth.safetensors [--dtype bf16]
+
+Keys: unet.<transformer block path>.fuser.* (the adapters), unet.position_net.* (the patch encoder),
+concept_encoder.* (the concept encoder). Metadata: format and version, the base model, the image encoder,
+identifier, tokens per reference, the UNet's shape and the sampler defaults. Files of the older format (one
+`ib_config` metadata entry, the model's own names) load too; `ib export --ckpt OLD.safetensors` converts one.
 """
 from pathlib import Path
 
-import torch
-
 from ib.config_checks import OneLineParser, check_creatable_folder
 from ib.errors import ConfigError
-from ib.weights import check_finite, read_weights, write_weights
+from ib.weights import EXPORT_DTYPES, export_weights, load_model
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parser() -> OneLineParser:
     p = OneLineParser(prog="ib export", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a Lightning checkpoint written by `ib fit`")
+    p.add_argument("--ckpt", required=True, help="a Lightning checkpoint written by `ib fit` (or an older export file)")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32")
     return p
 
 
@@ -27,11 +29,10 @@ def export(ckpt: str, out: Path, dtype: str = "fp32") -> Path:
     if out.is_dir():
         raise ConfigError(f"--out: is a folder: {out}")
     check_creatable_folder(out.parent, "--out")
-    hparams, state = read_weights(ckpt, "--ckpt")  # refuses unsafe configs and NaN / inf weights
-    state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
-    check_finite(state, f"--dtype {dtype}: {{key}} does not fit {dtype} (values overflow to inf)")
-    write_weights(state, hparams, out)  # atomic: never a half-written file under the final name
-    n = sum(v.numel() for v in state.values())
+    # Built to name the weights by module path; refuses unsafe configs and NaN / inf weights.
+    model, hparams = load_model(ckpt, field_name="--ckpt")
+    export_weights(model, out, hparams.get("sampling"), dtype)  # atomic: never a half-written file
+    n = sum(v.numel() for v in model.trainable_state_dict().values())
     print(f"wrote {out}: {n:,} trainable parameters, {out.stat().st_size / 2**20:.1f} MiB ({dtype})")
     return out
 

@@ -1,6 +1,7 @@
 """`ib generate`: personalize from reference photos in one sampling run, no fine-tuning.
 
     ib generate --weights run.safetensors --ref a.jpg b.jpg --prompt "a photo of a sks dog on the beach" --out DIR
+    [--base FOLDER] [--scheduler dpm++ --steps 20]
 """
 import json
 import time
@@ -14,15 +15,37 @@ from ib.config_checks import OneLineParser, check_creatable_folder, check_device
 from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
 from ib.models.identifier import contains_identifier
-from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling, sample
-from ib.models.speed import SPEED_HELP, SPEED_PRESETS, apply_speed_preset, check_speed_preset, default_preset
-from ib.references import load_references
-from ib.weights import load_instantbooth
+from ib.data.references import prepare_references
+from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling
+from ib.models.speed import SPEED_HELP, SPEED_PRESETS, check_speed_preset, default_preset
+from ib.pipeline import InstantBoothPipeline, generate
+from ib.weights import load_model
+
+
+def add_model_arguments(p) -> None:
+    """--weights, --base, --device, --speed: shared with `ib evaluate`."""
+    p.add_argument("--weights", required=True,
+                   help="an `ib export` .safetensors, a Lightning checkpoint, or a saved InstantBoothPipeline folder")
+    p.add_argument("--base", help="another base model (diffusers folder or hub id) with the UNet shape of the one "
+                                  "the weights were trained on, e.g. a fine-tune of it")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--speed", choices=sorted(SPEED_PRESETS), help=SPEED_HELP + " (default: graphs on CUDA, off on CPU)")
+
+
+def load_pipeline(args, speed: str, device) -> InstantBoothPipeline:
+    """The pipeline of --weights (on --base), with the speed preset, on `device`."""
+    if Path(args.weights).is_dir():
+        pipe = InstantBoothPipeline.from_pretrained(args.weights, speed=speed, base=args.base)
+    else:
+        model, hparams = load_model(args.weights, args.base, speed)
+        defaults = SamplingConfig(**hparams.get("sampling", {}))
+        pipe = InstantBoothPipeline.from_model(model, defaults.scheduler, defaults)
+    return pipe.to(device)
 
 
 def parser() -> OneLineParser:
     p = OneLineParser(prog="ib generate", description=__doc__.splitlines()[0])
-    p.add_argument("--weights", required=True, help="a Lightning checkpoint or an `ib export` .safetensors")
+    add_model_arguments(p)
     p.add_argument("--ref", nargs="+", required=True, help="reference photos of the subject (any number)")
     p.add_argument("--mask", nargs="+", help="optional masks, one per --ref (white = subject)")
     p.add_argument("--mask-backend", help="compute masks for --ref without --mask (e.g. grabcut; see ib.data.masks)")
@@ -38,8 +61,6 @@ def parser() -> OneLineParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--speed", choices=sorted(SPEED_PRESETS), help=SPEED_HELP)
     return p
 
 
@@ -63,30 +84,30 @@ def run(args) -> list[Path]:
             raise ConfigError(f"{flag(name)}: must be >= 1, got {getattr(args, name)}")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
     check_creatable_folder(args.out, "--out")
-    check_device(args.device)
-    speed = args.speed or default_preset(args.device)
-    check_speed_preset(speed, args.device)
-    model, hparams = load_instantbooth(args.weights)
-    if not contains_identifier(args.prompt, model.identifier):
-        raise ConfigError(f"--prompt: does not contain the identifier '{model.identifier}' (e.g. 'a photo of a "
-                          f"{model.identifier} dog')")
-    cfg = sampling_from_args(SamplingConfig(**hparams.get("sampling", {})), args, model.ldm.vae_scale_factor)
-    mask_fn = None
-    if args.mask_backend and not args.mask:
+    device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    speed = args.speed or default_preset(device)
+    check_speed_preset(speed, device)
+    if args.mask_backend and not args.mask:  # before the model loads
         try:
-            mask_fn = get_mask_backend(args.mask_backend)
+            get_mask_backend(args.mask_backend)
         except MaskError as e:
             raise ConfigError(f"--mask-backend: {e}") from e
-    refs = load_references(args.ref, args.mask, model.image_encoder.image_size[0], mask_fn=mask_fn)
-    apply_speed_preset(model, speed, args.device)
-    model.to(args.device)
+    pipe = load_pipeline(args, speed, device)
+    identifier = pipe.identifier
+    if not contains_identifier(args.prompt, identifier):
+        raise ConfigError(f"--prompt: does not contain the identifier '{identifier}' (e.g. 'a photo of a "
+                          f"{identifier} dog')")
+    cfg = sampling_from_args(pipe.defaults, args, pipe.model.ldm.vae_scale_factor)
+    masks = args.mask or (args.mask_backend or None)
+    refs = prepare_references(args.ref, masks, size=pipe.image_encoder.image_size[0], field="--ref",
+                              mask_field="--mask" if args.mask else "--mask-backend")[None]
 
     start = time.perf_counter()
     images = []
     seeds = [args.seed + i for i in range(args.num_images)]
     for i in range(0, len(seeds), args.batch_size):
         chunk = seeds[i:i + args.batch_size]
-        images.append(sample(model, refs.expand(len(chunk), *refs.shape[1:]), [args.prompt] * len(chunk), cfg, chunk))
+        images.append(generate(pipe, refs.expand(len(chunk), *refs.shape[1:]), [args.prompt] * len(chunk), cfg, chunk))
     seconds = time.perf_counter() - start
 
     # Everything is generated before anything is written: a failure leaves no partial output.
@@ -99,7 +120,7 @@ def run(args) -> list[Path]:
         tmp.replace(paths[-1])
     settings = {"weights": str(args.weights), "refs": args.ref, "masks": args.mask,
                 "mask_backend": None if args.mask else args.mask_backend, "prompt": args.prompt,
-                "seeds": seeds, "sampling": asdict(cfg), "device": args.device, "speed": speed, "seconds": round(seconds, 3),
+                "base": args.base, "seeds": seeds, "sampling": asdict(cfg), "device": device, "speed": speed, "seconds": round(seconds, 3),
                 "images": [p.name for p in paths]}
     (args.out / "settings.json").write_text(json.dumps(settings, indent=1))
     print(f"wrote {len(paths)} images to {args.out} ({seconds:.2f} s sampling)")

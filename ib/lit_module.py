@@ -10,9 +10,10 @@ from ib.errors import ConfigError
 from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
-from ib.models.sampler import SamplingConfig, sample
+from ib.models.sampler import SamplingConfig
+from ib.models.speed import SpeedConfig, check_speed
 from ib.nonfinite import NonFiniteGuard
-from ib.models.speed import SpeedConfig, apply_speed
+from ib.pipeline import InstantBoothPipeline, generate
 from ib.weights import load_trainable
 
 
@@ -65,13 +66,12 @@ class InstantBoothModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
-                                              uncond_adapters=uncond_adapters)
+                                              uncond_adapters=uncond_adapters, speed=self.speed)
 
     def setup(self, stage: str):
-        # Before Lightning moves the model: `.to(device)` keeps the dtypes and memory format set here.
-        # The CLI checked these switches before anything was written (ib.config_checks); checked again here
-        # for modules built in code.
-        apply_speed(self.model, self.speed, device=self.trainer.strategy.root_device, precision=self.trainer.precision)
+        # The switches against the device and precision: the CLI checked them before anything was written
+        # (ib.config_checks); checked again here for modules built in code.
+        check_speed(self.speed, self.trainer.strategy.root_device.type, self.trainer.precision)
 
     # --- steps ------------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
@@ -112,8 +112,8 @@ class InstantBoothModule(L.LightningModule):
         """Reference | generated pairs for the first images of `batch`, fixed seeds; a grid per name."""
         n = min(max_images, len(batch["caption"]))
         refs = batch["refs"][:n].to(self.device)
-        generated = sample(self.model, refs, batch["caption"][:n], self.sampling,
-                           seeds=[self.val_seed + i for i in range(n)])
+        pipe = InstantBoothPipeline.from_model(self.model, self.sampling.scheduler)
+        generated = generate(pipe, refs, batch["caption"][:n], self.sampling, seeds=[self.val_seed + i for i in range(n)])
         ref_view = torch.nn.functional.interpolate(refs[:, 0], size=generated.shape[-2:], mode="bilinear")
         pairs = torch.stack([ref_view.float(), batch["image"][:n].to(generated), generated], dim=1).flatten(0, 1)
         return {"reference_target_generated": make_grid(pairs.cpu(), nrow=3, padding=2)}

@@ -5,7 +5,8 @@ the replay, one graph per input shape, outputs are not aliased to the static buf
 import torch
 
 from ib.models.cuda_graph import CUDAGraphCache
-from ib.models.sampler import SamplingConfig, sample
+from ib.models.sampler import SamplingConfig
+from ib.pipeline import InstantBoothPipeline, generate
 from tests.conftest import build_tiny_model
 
 
@@ -48,9 +49,10 @@ def test_replays_see_new_inputs_and_one_graph_per_shape():
 def test_sampling_through_graph_replay_gives_the_same_images():
     model = _model()
     refs, prompts, cfg = torch.rand(2, 2, 3, 64, 64), ["a sks ball", "a sks box"], SamplingConfig(steps=4)
-    want = sample(model, refs, prompts, cfg, seeds=[0, 1])
-    model.graphed_predict_noise = graphed = CUDAGraphCache(model.predict_noise, capture=fake_capture)
-    got = sample(model, refs, prompts, cfg, seeds=[0, 1])
+    pipe = InstantBoothPipeline.from_model(model, cfg.scheduler)
+    want = generate(pipe, refs, prompts, cfg, seeds=[0, 1])
+    model._graphed_predict_noise = graphed = CUDAGraphCache(model.predict_noise, capture=fake_capture)  # test seam
+    got = generate(pipe, refs, prompts, cfg, seeds=[0, 1])
     torch.testing.assert_close(got, want)
     (g,) = graphed.graphs.values()
     assert g.calls == cfg.steps  # every denoising step went through the replay

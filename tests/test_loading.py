@@ -41,11 +41,11 @@ def test_open_clip_checkpoint_file_round_trip(tmp_path):
     cfg = ImageEncoderConfig(**default_config()["model"]["image_encoder"])
     model = create_open_clip(cfg)
     torch.save(model.state_dict(), tmp_path / "clip.pt")
-    from_file = FrozenImageEncoder(ImageEncoderConfig(cfg.model_name, str(tmp_path / "clip.pt"), cfg.overrides, init_seed=123))
+    from_file = FrozenImageEncoder.build(ImageEncoderConfig(cfg.model_name, str(tmp_path / "clip.pt"), cfg.overrides, init_seed=123))
     a, b = model.visual.state_dict(), from_file.visual.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConfigError, match="model.image_encoder.pretrained: file not found"):
-        FrozenImageEncoder(ImageEncoderConfig(cfg.model_name, str(tmp_path / "absent.pt"), cfg.overrides))
+        FrozenImageEncoder.build(ImageEncoderConfig(cfg.model_name, str(tmp_path / "absent.pt"), cfg.overrides))
 
 
 def test_random_init_is_reproducible():

@@ -2,23 +2,24 @@
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from ib.models.frozen_ldm import SCHEDULERS
-from ib.models.sampler import SamplingConfig, initial_noise, sample
-from ib.weights import export_weights, load_instantbooth
+from ib.models.sampler import SamplingConfig
+from ib.pipeline import InstantBoothPipeline, generate, seeded
+from ib.weights import export_weights, load_model
 from tests.conftest import build_tiny_model, default_config
+
+
+def sample(model, refs, prompts, cfg, seeds):
+    """The callers' path (validation, `ib generate`, `ib evaluate`): a pipeline around the model in memory."""
+    return generate(InstantBoothPipeline.from_model(model, cfg.scheduler), refs, prompts, cfg, seeds)
 
 
 def _open_gates(model, value=0.5):
     with torch.no_grad():
         for a in model.adapters:
             a.gate.fill_(value)
-
-
-def _hparams():
-    m = default_config()["model"]
-    return {"ldm": m["ldm"], "image_encoder": m["image_encoder"], "identifier": "sks", "uncond_adapters": True,
-            "sampling": m["sampling"]}
 
 
 @torch.no_grad()
@@ -34,7 +35,7 @@ def test_beta_zero_without_concept_is_plain_stable_diffusion_sampling():
                                    scheduler=ldm.sampling_scheduler("ddim"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    latents = initial_noise((4, 16, 16), [7, 8], "cpu", torch.float32)
+    latents = randn_tensor((2, 4, 16, 16), generator=seeded([7, 8]), device=torch.device("cpu"), dtype=torch.float32)
     plain = pipe(prompt_embeds=model.encode_prompts(prompts), negative_prompt_embeds=model.encode_prompts(["", ""]),
                  latents=latents, num_inference_steps=4, guidance_scale=3.0, output_type="pt", height=64, width=64).images
     assert torch.equal(ours, plain)
@@ -90,8 +91,8 @@ def test_export_load_gives_the_same_images(tmp_path):
     _open_gates(model, 0.3)
     for p in model.concept_head.parameters():
         p.add_(0.01 * torch.randn_like(p))
-    path = export_weights(model, _hparams(), tmp_path / "w.safetensors")
-    loaded, hparams = load_instantbooth(path)
+    path = export_weights(model, tmp_path / "w.safetensors", sampling=default_config()["model"]["sampling"])
+    loaded, hparams = load_model(path)
     assert hparams["identifier"] == "sks"
     refs, cfg = torch.rand(1, 2, 3, 64, 64), SamplingConfig(steps=3)
     assert torch.equal(sample(model.eval(), refs, ["a sks kite"], cfg, [5]), sample(loaded, refs, ["a sks kite"], cfg, [5]))

@@ -9,19 +9,24 @@ import torch
 
 from ib.errors import ConfigError
 from ib.lit_module import InstantBoothModule
-from ib.models.sampler import SamplingConfig, sample
-from ib.models.speed import SpeedConfig, apply_speed, frozen_autocast
+from ib.models.sampler import SamplingConfig
+from ib.models.speed import SpeedConfig, check_speed
+from ib.pipeline import InstantBoothPipeline, generate
 from tests.conftest import ROOT, build_tiny_model, default_config
 
 CAPTIONS = ["a photo of a sks ball on the grass", "a sks box in the snow"]
 
 
-def _model(cfg: SpeedConfig | None = None):
-    model = build_tiny_model()
+def _model(cfg: SpeedConfig | None = None, inference: bool = False):
+    model = build_tiny_model(speed=cfg or SpeedConfig(), inference=inference)
     with torch.no_grad():
         for a in model.adapters:
             a.gate.fill_(0.3)  # open gates: every adapter weight gets gradient and changes the output
-    return apply_speed(model, cfg or SpeedConfig())
+    return model
+
+
+def sample(model, refs, prompts, cfg, seeds):
+    return generate(InstantBoothPipeline.from_model(model, cfg.scheduler), refs, prompts, cfg, seeds)
 
 
 def _loss_and_grads(model, latents: bool = False):
@@ -29,7 +34,7 @@ def _loss_and_grads(model, latents: bool = False):
     images, refs = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 3, 64, 64)
     torch.manual_seed(2)
     kw = {"latents": model.ldm.encode_images(images)} if latents else {}
-    with frozen_autocast(model):
+    with model.frozen_autocast():
         loss = model.training_loss(images, refs, CAPTIONS, **kw)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -51,8 +56,11 @@ def _check(model, baseline, rel):
         assert g.dtype == torch.float32, n  # fp32 master weights
         cos = torch.nn.functional.cosine_similarity(g.flatten().double(), base_grads[n].flatten().double(), dim=0)
         assert cos > (0.999999 if rel < 1e-4 else 0.98), (n, cos.item())
+    # Trainable inside the frozen parts: only the adapters (`.fuser.`) and the patch head, which sits in the
+    # UNet's GLIGEN slot `position_net` (named there first, since the UNet is registered before the heads).
+    assert model.ldm.unet.position_net is model.patch_head
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(("ldm.", "image_encoder."))
-                   and ".fuser." not in n)
+                   and ".fuser." not in n and not n.startswith("ldm.unet.position_net."))
 
 
 @pytest.mark.parametrize("cfg", [SpeedConfig(channels_last=True), SpeedConfig(gradient_checkpointing=True),
@@ -97,8 +105,8 @@ def test_native_bf16_frozen_compute_keeps_loss_and_fp32_trainables(baseline):
 def test_native_bf16_inference_holds_trainables_in_bf16_and_samples_like_fp32():
     refs, prompts, cfg = torch.rand(1, 2, 3, 64, 64), ["a sks ball"], SamplingConfig(steps=3)
     want = sample(_model(), refs, prompts, cfg, seeds=[0])
-    model = apply_speed(_model(), SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True,
-                                              cache_visual_kv=True), inference=True)
+    model = _model(SpeedConfig(frozen_dtype="bfloat16", native_frozen_compute=True, cache_visual_kv=True),
+                   inference=True)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     got = sample(model, refs, prompts, cfg, seeds=[0])
     assert got.dtype == torch.float32
@@ -170,14 +178,15 @@ def test_bf16_sampling_close_to_fp32():
 
 
 def test_cuda_only_and_bad_switches_are_refused():
+    # The device is known where the switches are checked for a run (config checks, the module's setup, --speed).
     with pytest.raises(ConfigError, match="cuda_graphs_sampling"):
-        apply_speed(build_tiny_model(), SpeedConfig(cuda_graphs_sampling=True), device="cpu")
+        check_speed(SpeedConfig(cuda_graphs_sampling=True), "cpu")
     with pytest.raises(ConfigError, match="frozen_dtype"):
-        apply_speed(build_tiny_model(), SpeedConfig(frozen_dtype="int8"))
+        build_tiny_model(speed=SpeedConfig(frozen_dtype="int8"))
     with pytest.raises(ConfigError, match="compile_scope: unknown 'resnets'"):
-        apply_speed(build_tiny_model(), SpeedConfig(compile_blocks=True, compile_scope="resnets"))
+        build_tiny_model(speed=SpeedConfig(compile_blocks=True, compile_scope="resnets"))
     with pytest.raises(ConfigError, match="native_frozen_compute: needs frozen_dtype bfloat16"):
-        apply_speed(build_tiny_model(), SpeedConfig(native_frozen_compute=True))
+        build_tiny_model(speed={"native_frozen_compute": True})
 
 
 def test_lit_module_keeps_speed_in_hparams_and_fuses_adamw():

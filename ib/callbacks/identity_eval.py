@@ -1,7 +1,7 @@
 """Identity and prompt fidelity on held-out concepts at every validation: CLIP-I, CLIP-T and DINO.
 
 The first `concepts` concepts of the validation shards × `prompts` × `images_per_prompt` are generated
-with fixed seeds through ib.models.sampler.sample (the path of `ib generate` and `ib evaluate`), from the
+with fixed seeds through InstantBoothPipeline (the path of `ib generate` and `ib evaluate`), from the
 concept's masked object crops (the references validation uses), and scored against the concept's full
 images. Every rank generates its share of the items; the metrics sum their states over ranks.
 """
@@ -17,11 +17,13 @@ import webdataset as wds
 from torchvision.utils import make_grid
 
 from ib.data.shards import BadSample, decode_sample, resolve_shards
-from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
+from ib.data.references import prepare_references
+from ib.data.transforms import ReferenceAugment
 from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig
 from ib.metrics.identity import identity_metrics
-from ib.models.sampler import SamplingConfig, check_sampling, sample
+from ib.models.sampler import SamplingConfig, check_sampling
+from ib.pipeline import InstantBoothPipeline, generate
 
 FIELD = "IdentityEval"
 
@@ -101,7 +103,7 @@ class IdentityEval(L.Callback):
         else:
             raise ConfigError(f"{FIELD}.shards: not set and the DataModule has no validation shards")
         fill = getattr(dm, "augment", ReferenceAugment()).fill
-        to_ref = reference_transform(pl_module.model.image_encoder.image_size[0], ReferenceAugment(fill=fill), train=False)
+        size = pl_module.model.image_encoder.image_size[0]
 
         groups: dict[str, list[dict]] = {}
         # Every rank reads the same concepts (no node splitting); shards are read in order and only as far
@@ -122,9 +124,9 @@ class IdentityEval(L.Callback):
         concepts = []
         for name, samples in list(groups.items())[:self.num_concepts]:
             samples = samples[:self.references]
-            refs = [to_ref(image=mask_crop(s["image"], s["mask"], fill, 0.0, None))["image"] for s in samples]
-            concepts.append(HeldOutConcept(name, samples[0]["meta"]["class"],
-                                           torch.stack([_chw(r) for r in refs]).float() / 255,
+            refs = prepare_references([s["image"] for s in samples], [s["mask"] for s in samples], size=size,
+                                      fill=fill, field=f"{FIELD}.shards")
+            concepts.append(HeldOutConcept(name, samples[0]["meta"]["class"], refs,
                                            torch.stack([_chw(s["image"]) for s in samples])))
         return concepts
 
@@ -142,12 +144,13 @@ class IdentityEval(L.Callback):
                  for _ in range(self.images_per_prompt)]
         mine = list(enumerate(items))[trainer.global_rank::trainer.world_size]
         grid = []
+        pipe = InstantBoothPipeline.from_model(model, cfg.scheduler)
         for c, group in groupby(mine, key=lambda kv: kv[1][0]):
             group = list(group)
             concept = self.concepts[c]
             prompts = [prompt for _, (_, prompt) in group]
             refs = concept.refs.to(device)[None].expand(len(group), *concept.refs.shape)
-            images = sample(model, refs, prompts, cfg, seeds=[self.seed + k for k, _ in group])
+            images = generate(pipe, refs, prompts, cfg, seeds=[self.seed + k for k, _ in group])
             reals = concept.reals.to(device)
             self.metrics["clip_i"].update(images, reals)
             self.metrics["dino"].update(images, reals)

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
 from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
+from ib.data.references import reference_crop
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
 from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
@@ -55,6 +56,7 @@ class SampleTransform:
         self.target = target_transform(image_size, train)
         self.fixed_target = target_transform(image_size, train=False)  # the crop precomputed latents were made from
         self.reference = reference_transform(reference_size, augment, train)
+        self.reference_size = reference_size
         self.seed = seed
         self._rng: np.random.Generator | None = None  # set in the process that runs the transform
 
@@ -73,8 +75,11 @@ class SampleTransform:
         if self.train and self._rng is None:
             self.reseed(self.seed)
         rng = self._rng if self.train else None
-        obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
-        ref = self.reference(image=obj)["image"]
+        if self.train:  # a random crop of the object, heavily augmented
+            obj = mask_crop(s["image"], s["mask"], self.augment.fill, self.augment.bbox_jitter, rng)
+            ref = self.reference(image=obj)["image"]
+        else:  # what inference gets (ib.data.references)
+            ref = reference_crop(s["image"], s["mask"], self.reference_size, self.augment.fill)
         to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))  # a CHW uint8 copy
         out = {}
         moments = s.get("latent_moments")

@@ -7,22 +7,16 @@ The text file has a `subject_name,class` table and two Python-style prompt lists
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ib.data.images import ImageError, read_image
-from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform
 from ib.errors import ConfigError
 
 PROMPTS_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = ("cat", "dog")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-# image (H, W, 3) uint8 -> object mask (H, W) bool; plugs an offline mask backend into the references.
-MaskFn = Callable[[np.ndarray], np.ndarray]
-
 
 @dataclass
 class Subject:
@@ -114,16 +108,3 @@ def load_image(path: Path) -> np.ndarray:
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) uint8 tensor."""
     return torch.from_numpy(np.ascontiguousarray(image).copy()).permute(2, 0, 1)
-
-
-def reference_images(images: list[np.ndarray], size: int, mask_fn: MaskFn | None = None,
-                     fill: int = ReferenceAugment.fill) -> torch.Tensor:
-    """The subject's photos as encoder references (N, 3, size, size) in [0, 1]: whole images, or with a
-    mask function the masked object crops training used; squared by padding, as in validation."""
-    transform = reference_transform(size, ReferenceAugment(fill=fill), train=False)
-    refs = []
-    for image in images:
-        if mask_fn is not None:
-            image = mask_crop(image, mask_fn(image), fill, 0.0, None)
-        refs.append(to_tensor(transform(image=image)["image"]).float() / 255)
-    return torch.stack(refs)

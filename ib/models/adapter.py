@@ -7,6 +7,7 @@ They plug into diffusers' documented GLIGEN extension point: `BasicTransformerBl
 "gligen", and `UNet2DConditionModel.forward` first maps that entry through `self.position_net`.
 Without the "gligen" entry the UNet is exactly the frozen model.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +31,6 @@ class AdapterContext:
 def _is_zero(beta) -> bool:
     """β is a float, or a per-sample tensor (B, 1, 1) when some samples must skip the adapters."""
     return not torch.is_tensor(beta) and beta == 0
-
-
-class AdapterContextRouter(nn.Module):
-    """Stands in the UNet's `position_net` slot: packs the "gligen" kwargs for the blocks."""
-
-    def forward(self, tokens: torch.Tensor, beta: float, visual_kv: tuple | None = None,
-                skip_rows: int = 0) -> AdapterContext:
-        return AdapterContext(tokens, beta, visual_kv, skip_rows)
 
 
 class GatedSelfAttentionAdapter(nn.Module):
@@ -97,8 +90,9 @@ class GatedSelfAttentionAdapter(nn.Module):
         return a.to_out[1](a.to_out[0](out))
 
 
-def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
-    """Put one adapter in every transformer block of `unet`; returns them (the trainable part)."""
+def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module) -> nn.ModuleList:
+    """Put one adapter in every transformer block of `unet` and `position_net` (which packs the "gligen"
+    kwargs into an AdapterContext) in its slot; returns the adapters (trainable)."""
     adapters = []
     for block in unet.modules():
         if isinstance(block, BasicTransformerBlock):
@@ -108,8 +102,24 @@ def install_adapters(unet: nn.Module, context_dim: int) -> nn.ModuleList:
             adapters.append(block.fuser)
     if not adapters:
         raise ValueError("the UNet has no transformer blocks to hold adapters")
-    unet.position_net = AdapterContextRouter()
+    unet.position_net = position_net
     return nn.ModuleList(adapters)
+
+
+@contextlib.contextmanager
+def adapters_removed(unet: nn.Module):
+    """The plain UNet for the duration (e.g. to save it as the frozen base), adapters back afterwards."""
+    fusers = {name: m for name, m in unet.named_modules() if isinstance(m, GatedSelfAttentionAdapter)}
+    position_net = unet._modules.pop("position_net", None)
+    for name in fusers:
+        del unet.get_submodule(name.rpartition(".")[0]).fuser
+    try:
+        yield unet
+    finally:
+        for name, fuser in fusers.items():
+            unet.get_submodule(name.rpartition(".")[0]).fuser = fuser
+        if position_net is not None:
+            unet.position_net = position_net
 
 
 def adapter_kwargs(tokens: torch.Tensor | None, beta: float, visual_kv: tuple | None = None,

@@ -76,8 +76,10 @@ class FrozenLDM(nn.Module):
     """Holds the frozen parts; none of them is ever trained."""
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler):
+                 tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, source: LDMConfig | None = None):
+        """source: where the parts came from (recorded in exported weights as their base)."""
         super().__init__()
+        self.source = source or LDMConfig()
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler
@@ -122,7 +124,7 @@ class FrozenLDM(nn.Module):
         if len(tokenizer) > text_encoder.config.vocab_size:
             raise ConfigError(f"model.ldm.text_encoder.vocab_size: {text_encoder.config.vocab_size} is smaller "
                               f"than the CLIP tokenizer's {len(tokenizer)}")
-        return cls(unet, vae, text_encoder, tokenizer, DDPMScheduler(**cfg.scheduler))
+        return cls(unet, vae, text_encoder, tokenizer, DDPMScheduler(**cfg.scheduler), source=cfg)
 
     @classmethod
     def _load(cls, name: str) -> "FrozenLDM":
@@ -144,16 +146,17 @@ class FrozenLDM(nn.Module):
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': {first}") from e
-        return cls(unet, vae, text_encoder, tokenizer, scheduler)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, source=LDMConfig(pretrained=name))
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Diffusers layout, loadable by `pretrained: folder` (and by diffusers itself)."""
+    def save_pretrained(self, folder: str | Path, scheduler=None) -> None:
+        """Diffusers layout, loadable by `pretrained: folder` (and by diffusers itself). scheduler: what goes
+        in scheduler/ (a pipeline's sampling scheduler; default: the training noise schedule)."""
         folder = Path(folder)
         self.unet.save_pretrained(folder / "unet")
         self.vae.save_pretrained(folder / "vae")
         self.text_encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.noise_scheduler.save_pretrained(folder / "scheduler")
+        (scheduler or self.noise_scheduler).save_pretrained(folder / "scheduler")
 
     def sampling_scheduler(self, kind: str = "ddim"):
         """A fresh inference scheduler (a name in SCHEDULERS) sharing the training noise schedule."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import open_clip
 import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -81,21 +83,40 @@ def create_open_clip(cfg: ImageEncoderConfig, field_name: str = "model.image_enc
         root.setLevel(level)
 
 
-class FrozenImageEncoder(nn.Module):
-    """open_clip vision tower, frozen. Input: images in [0, 1]; it applies its own preprocessing."""
+class FrozenImageEncoder(ModelMixin, ConfigMixin):
+    """open_clip vision tower, frozen. Input: images in [0, 1]; it applies its own preprocessing.
 
-    def __init__(self, cfg: ImageEncoderConfig):
+    A diffusers model (config.json + safetensors via save_pretrained / from_pretrained), so a pipeline folder
+    holds it like its other parts. Built from ImageEncoderConfig's fields: `FrozenImageEncoder.build(cfg)`.
+    """
+
+    @register_to_config
+    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | None = None, overrides: dict | None = None,
+                 init_seed: int = 0):
         super().__init__()
-        model = create_open_clip(cfg)
+        model = create_open_clip(ImageEncoderConfig(model_name, pretrained, dict(overrides or {}), init_seed))
         pre = open_clip.get_model_preprocess_cfg(model)
         self.visual = model.visual  # the text tower is dropped
         self.image_size = tuple(pre["size"]) if isinstance(pre["size"], (tuple, list)) else (pre["size"],) * 2
         self.register_buffer("mean", torch.tensor(pre["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre["std"]).view(1, 3, 1, 1), persistent=False)
         self.global_dim = self.visual.output_dim
+        self.tokens_per_image = 1 + self.visual.grid_size[0] * self.visual.grid_size[1]  # CLS + patches
         self.token_dim = self.visual.transformer.width
         self.requires_grad_(False)
         self.eval()
+
+    @classmethod
+    def build(cls, cfg: ImageEncoderConfig) -> "FrozenImageEncoder":
+        return cls(cfg.model_name, cfg.pretrained, cfg.overrides, cfg.init_seed)
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs) -> "FrozenImageEncoder":
+        """The weights come from `folder`: the architecture is built without loading the recorded `pretrained`
+        tag (which would read open_clip's own files). The recorded config passes the allow-lists first."""
+        config = cls.load_config(folder, **{k: v for k, v in kwargs.items() if k == "subfolder"})
+        ImageEncoderConfig(config.get("model_name"), None, config.get("overrides") or {}).check("image_encoder")
+        return super().from_pretrained(folder, pretrained=None, low_cpu_mem_usage=False, **kwargs)
 
     def train(self, mode: bool = True):
         return super().train(False)

@@ -1,16 +1,27 @@
 """InstantBooth as a plain nn.Module: frozen LDM + frozen image backbone + the trained heads and adapters."""
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ib.models.adapter import adapter_kwargs, install_adapters
+from ib.models.adapter import GatedSelfAttentionAdapter, adapter_kwargs, install_adapters
+from ib.models.cuda_graph import CUDAGraphCache
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.heads import ConceptHead, PatchHead
 from ib.models.identifier import tokenize_with_identifier
 from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig
-from ib.models.speed import frozen_compute
+from ib.models.speed import DTYPES, SpeedConfig, apply_speed, as_speed_config
 
 TRAINABLE_PREFIXES = ("concept_head.", "patch_head.", "adapters.")
+
+
+def _renamed(state: dict, prefixes: dict[str, str]) -> dict:
+    out = {}
+    for key, value in state.items():
+        old = next((p for p in prefixes if key.startswith(p)), None)
+        out[prefixes[old] + key[len(old):] if old else key] = value
+    return out
 
 
 class InstantBooth(nn.Module):
@@ -20,10 +31,17 @@ class InstantBooth(nn.Module):
         prompt (so no concept token); with True it keeps the adapters and visual tokens, so guidance
         pushes towards the prompt only; with False it is the plain frozen model, so guidance pushes
         towards prompt and identity together. Training's condition dropout teaches the same choice.
+
+    speed: the speed switches (ib.models.speed: a SpeedConfig, its fields as a dict, or a preset name);
+        all off by default. inference: nothing will be trained (see SpeedConfig.native_frozen_compute).
     """
+    # Trainable parameter prefixes -> where diffusers would name them (the names in an `ib export` file);
+    # the adapters' are their transformer blocks' paths ("unet.<block path>.fuser.").
+    DIFFUSERS_PREFIXES = ("concept_encoder.", "unet.")
 
     def __init__(self, ldm: FrozenLDM, image_encoder: FrozenImageEncoder, identifier: str = "sks",
-                 uncond_adapters: bool = True):
+                 uncond_adapters: bool = True, speed: SpeedConfig | dict | str | None = None,
+                 inference: bool = False):
         super().__init__()
         self.ldm = ldm
         self.image_encoder = image_encoder
@@ -32,28 +50,71 @@ class InstantBooth(nn.Module):
         context_dim = ldm.unet.config.cross_attention_dim
         self.concept_head = ConceptHead(image_encoder.global_dim, ldm.text_width)
         self.patch_head = PatchHead(image_encoder.token_dim, context_dim)
-        self.adapters = install_adapters(ldm.unet, context_dim)
+        self.adapters = install_adapters(ldm.unet, context_dim, self.patch_head)
+        self.speed = as_speed_config(speed)
+        apply_speed(self, self.speed, inference)
+        # The sampler's UNet call replayed from CUDA graphs (speed.cuda_graphs_sampling).
+        self._graphed_predict_noise = CUDAGraphCache(self.predict_noise) if self.speed.cuda_graphs_sampling else None
 
     @classmethod
     def from_config(cls, ldm: LDMConfig, image_encoder: ImageEncoderConfig, **kwargs) -> "InstantBooth":
-        return cls(FrozenLDM.from_config(ldm), FrozenImageEncoder(image_encoder), **kwargs)
+        return cls(FrozenLDM.from_config(ldm), FrozenImageEncoder.build(image_encoder), **kwargs)
 
     # --- the trainable part -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}
 
+    def _diffusers_prefixes(self) -> dict[str, str]:
+        prefixes = {"concept_head.": "concept_encoder.", "patch_head.": "unet.position_net."}
+        for path, block in self.ldm.unet.named_modules():
+            if isinstance(getattr(block, "fuser", None), GatedSelfAttentionAdapter):
+                prefixes[f"adapters.{block.fuser.index}."] = f"unet.{path}.fuser."
+        return prefixes
+
+    def to_diffusers_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Trainable state keys -> diffusers module paths (unet.down_blocks.0.attentions.0.transformer_blocks.0
+        .fuser.…, unet.position_net.…, concept_encoder.…)."""
+        return _renamed(state, self._diffusers_prefixes())
+
+    def from_diffusers_names(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return _renamed(state, {v: k for k, v in self._diffusers_prefixes().items()})
+
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         heads = list(self.concept_head.parameters()) + list(self.patch_head.parameters())
         return {"heads": heads, "adapters": list(self.adapters.parameters())}
+
+    # --- speed switches (ib.models.speed) ----------------------------------------------------------------
+    def frozen_compute(self):
+        """Around every call into a frozen part: autocast off when they compute natively in their own dtype
+        (native_frozen_compute), so nothing is upcast to fp32 inside them; a no-op context otherwise."""
+        if not self.speed.native_frozen_compute:
+            return contextlib.nullcontext()
+        return torch.autocast(self.concept_head.proj.weight.device.type, enabled=False)
+
+    def frozen_autocast(self):
+        """Autocast to the frozen parts' dtype when they are not fp32 (a no-op context otherwise)."""
+        dtype = DTYPES[self.speed.frozen_dtype]
+        return torch.autocast(self.concept_head.proj.weight.device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def visual_kv_cache(self, visual: torch.Tensor | None):
+        """Per-adapter (keys, values) of the visual tokens for one sampling run, or None when the switch is
+        off. Computed eagerly, outside any compiled/graphed region, so CUDA graphs never own these tensors."""
+        if visual is None or not self.speed.cache_visual_kv:
+            return None
+        return tuple(a.visual_kv(visual) for a in self.adapters)
+
+    def noise_predictor(self):
+        """What the sampler calls for eps: predict_noise, or its CUDA-graph replay when switched on."""
+        return self._graphed_predict_noise or self.predict_noise
 
     # --- conditioning ---------------------------------------------------------------------------------
     def encode_references(self, refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """refs (B, N, 3, H, W) in [0, 1] -> concept f_c (B, text_dim), visual tokens f_p (B, N*T, ctx_dim)."""
         b, n = refs.shape[:2]
-        with frozen_compute(self):
+        with self.frozen_compute():
             global_feat, tokens = self.image_encoder(refs.flatten(0, 1))
         concept = self.concept_head(global_feat.view(b, n, -1))
-        visual = self.patch_head(tokens.view(b, n, *tokens.shape[1:]))
+        visual = self.patch_head.encode(tokens.view(b, n, *tokens.shape[1:]))
         return concept, visual
 
     def encode_prompts(self, prompts: list[str], concept: torch.Tensor | None = None,
@@ -61,7 +122,7 @@ class InstantBooth(nn.Module):
         """Frozen text encoder, then the identifier's output embeddings := α·f_c (at every V̂ position)."""
         ids, where = tokenize_with_identifier(self.ldm.tokenizer, prompts, self.identifier)
         device = self.concept_head.proj.weight.device
-        with torch.no_grad(), frozen_compute(self):
+        with torch.no_grad(), self.frozen_compute():
             text = self.ldm.text_encoder(ids.to(device))[0]
         if concept is None:
             return text
@@ -73,12 +134,12 @@ class InstantBooth(nn.Module):
                       skip_rows: int = 0) -> torch.Tensor:
         """skip_rows: the first rows of the batch are the plain frozen model (visual has the others only)."""
         unet = self.ldm.unet
-        with frozen_compute(self):
+        with self.frozen_compute():
             return unet(noisy.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype),
                         cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv, skip_rows)).sample
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        with frozen_compute(self):
+        with self.frozen_compute():
             return self.ldm.decode_latents(latents)
 
     # --- training objective ---------------------------------------------------------------------------
@@ -88,7 +149,7 @@ class InstantBooth(nn.Module):
         latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped)."""
         sched = self.ldm.noise_scheduler
         if latents is None:
-            with frozen_compute(self):
+            with self.frozen_compute():
                 latents = self.ldm.encode_images(images)
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)

@@ -30,16 +30,14 @@ default model computes exactly what it did before; `bench/bench_speed.py --sweep
     cache_visual_kv         the adapters' keys/values of the visual tokens computed once per sampling run
                             (they depend on neither timestep nor latents), reused at every step.
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor
 from diffusers.models.resnet import ResnetBlock2D
 
 from ib.errors import ConfigError
-from ib.models.cuda_graph import CUDAGraphCache
 
 COMPILE_SCOPES = {  # compile_scope -> the UNet's repeated regions compiled one by one
     "all": (BasicTransformerBlock, ResnetBlock2D),
@@ -70,7 +68,12 @@ class SpeedConfig:
     cache_visual_kv: bool = False
 
 
-def _as_config(cfg) -> SpeedConfig:
+def as_speed_config(cfg) -> SpeedConfig:
+    """A SpeedConfig, a dict of its fields, a preset name (SPEED_PRESETS) or None (all off)."""
+    if isinstance(cfg, str):
+        if cfg not in SPEED_PRESETS:
+            raise ConfigError(f"speed: unknown preset '{cfg}' (one of {', '.join(SPEED_PRESETS)})")
+        return SPEED_PRESETS[cfg]
     return cfg if isinstance(cfg, SpeedConfig) else SpeedConfig(**(cfg or {}))
 
 
@@ -79,7 +82,7 @@ def check_speed(cfg: SpeedConfig | dict | None, device_type: str | None = None, 
     a ConfigError naming the field. device_type ("cuda", "cpu", ...) and precision (Lightning's
     trainer.precision; None where the caller handles autocast itself, as the sampler does): not checked when
     None."""
-    cfg = _as_config(cfg)
+    cfg = as_speed_config(cfg)
     if cfg.frozen_dtype not in DTYPES:
         raise ConfigError(f"model.speed.frozen_dtype: unknown '{cfg.frozen_dtype}' (one of {sorted(DTYPES)})")
     if cfg.compile_scope not in COMPILE_SCOPES:
@@ -97,18 +100,14 @@ def check_speed(cfg: SpeedConfig | dict | None, device_type: str | None = None, 
                           f"the model runs on {device_type}")
 
 
-def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | str | None = None,
-                inference: bool = False, precision: str | None = None):
-    """Apply `cfg` to an InstantBooth in place; returns the model. device: where it will run (default: where
-    it is). Moving the model afterwards with `.to(device)` keeps the dtypes and the memory format.
-    inference: nothing will be trained (generation, evaluation), so with native_frozen_compute the heads and
-    adapters are held in frozen_dtype too: no master weights, no casts per call. precision: the trainer's,
-    checked by check_speed."""
-    cfg = _as_config(cfg)
-    device = torch.device(device) if device is not None else model.concept_head.proj.weight.device
-    check_speed(cfg, device.type, precision)
+def apply_speed(model, cfg: SpeedConfig, inference: bool = False) -> None:
+    """What InstantBooth's constructor does with its `speed`: dtypes, attention processors, memory format,
+    checkpointing and compilation of its parts. inference: nothing will be trained (generation, evaluation),
+    so with native_frozen_compute the heads and adapters are held in frozen_dtype too: no master weights, no
+    casts per call. Only switches that are on touch the model: a UNet shared with another pipeline keeps its
+    attention processors unless `sdpa` is off."""
+    check_speed(cfg)
     ldm, unet = model.ldm, model.ldm.unet
-
     dtype = DTYPES[cfg.frozen_dtype]
     if dtype != torch.float32:
         ldm.to(dtype)
@@ -117,11 +116,9 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
         if cfg.native_frozen_compute and inference:
             for part in (model.adapters, model.concept_head, model.patch_head):
                 part.to(dtype)
-
-    processor = AttnProcessor2_0 if cfg.sdpa else AttnProcessor
-    unet.set_attn_processor(processor())  # includes the adapters' attention (they are UNet submodules)
-    ldm.vae.set_attn_processor(processor())
-
+    if not cfg.sdpa:  # the classic processor, only to measure it (diffusers' default is SDPA)
+        unet.set_attn_processor(AttnProcessor())  # includes the adapters' attention (they are UNet submodules)
+        ldm.vae.set_attn_processor(AttnProcessor())
     if cfg.channels_last:
         unet.to(memory_format=torch.channels_last)
         ldm.vae.to(memory_format=torch.channels_last)
@@ -135,9 +132,6 @@ def apply_speed(model, cfg: SpeedConfig | dict | None, device: torch.device | st
                 # resolution level failed in Inductor on an H200 (torch 2.11: "shape '[1281, 640]' is
                 # invalid for input of size 257"); one static compile per block shape avoids it.
                 m.compile(backend=cfg.compile_backend, dynamic=False)
-    model.speed_config = cfg
-    model.graphed_predict_noise = CUDAGraphCache(model.predict_noise) if cfg.cuda_graphs_sampling else None
-    return model
 
 
 # `--speed` of `ib generate` / `ib evaluate`. Measured on an H200 at SD 1.5 scale, 1 image, 5 references
@@ -165,45 +159,6 @@ def check_speed_preset(preset: str, device) -> None:
         check_speed(SPEED_PRESETS[preset], torch.device(device).type)
     except ConfigError as e:
         raise ConfigError(f"--speed {preset}: {e}") from e
-
-
-def apply_speed_preset(model, preset: str, device) -> SpeedConfig:
-    """For generation: `preset` of SPEED_PRESETS applied with inference=True; errors name `--speed`."""
-    check_speed_preset(preset, device)
-    apply_speed(model, SPEED_PRESETS[preset], device=device, inference=True)
-    return SPEED_PRESETS[preset]
-
-
-def speed_of(model) -> SpeedConfig:
-    return getattr(model, "speed_config", None) or SpeedConfig()
-
-
-def frozen_compute(model):
-    """Around every call into a frozen part: autocast off when they compute natively in their own dtype
-    (native_frozen_compute), so nothing is upcast to fp32 inside them; a no-op context otherwise."""
-    if not speed_of(model).native_frozen_compute:
-        return contextlib.nullcontext()
-    return torch.autocast(model.concept_head.proj.weight.device.type, enabled=False)
-
-
-def frozen_autocast(model):
-    """Autocast to the frozen parts' dtype when they are not fp32 (a no-op context otherwise)."""
-    dtype = DTYPES[speed_of(model).frozen_dtype]
-    device = model.concept_head.proj.weight.device
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def visual_kv_cache(model, visual: torch.Tensor | None):
-    """Per-adapter (keys, values) of the visual tokens for one sampling run, or None when the switch is
-    off. Computed eagerly, outside any compiled/graphed region, so CUDA graphs never own these tensors."""
-    if visual is None or not speed_of(model).cache_visual_kv:
-        return None
-    return tuple(a.visual_kv(visual) for a in model.adapters)
-
-
-def noise_predictor(model):
-    """What the sampler calls for eps: model.predict_noise, or its CUDA-graph replay when switched on."""
-    return getattr(model, "graphed_predict_noise", None) or model.predict_noise
 
 
 def attention_backends(model) -> dict:

@@ -23,11 +23,13 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from ib.data.shards import decode_sample, resolve_shards
-from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
+from ib.data.references import prepare_references
+from ib.data.transforms import target_transform
 from ib.models.identifier import insert_identifier, strip_identifier
-from ib.models.sampler import SamplingConfig, sample
+from ib.models.sampler import SamplingConfig
+from ib.pipeline import InstantBoothPipeline, generate
 from ib.toy.identity_score import identity_similarity
-from ib.weights import load_instantbooth
+from ib.weights import load_model
 
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -58,19 +60,18 @@ def shuffled_partner(concepts: dict[str, list[dict]]) -> dict[str, str]:
 
 class Experiment:
     def __init__(self, weights: str, data: str, num_refs: int, timesteps: list[int], seed: int):
-        self.model, self.hparams = load_instantbooth(weights)
+        self.model, self.hparams = load_model(weights)
+        self.pipe = InstantBoothPipeline.from_model(self.model)
         self.concepts = load_concepts(data)
         self.partner = shuffled_partner(self.concepts)
         self.num_refs, self.timesteps, self.seed = num_refs, timesteps, seed
         self.target = target_transform(self.model.ldm.image_size, train=False)
-        self.augment = ReferenceAugment()
-        self.reference = reference_transform(self.model.image_encoder.image_size[0], self.augment, train=False)
 
     def refs(self, concept: str, exclude_key: str | None) -> torch.Tensor:
         """(num_refs, 3, R, R): masked object crops of the concept's images, other than the target."""
         chosen = [s for s in self.concepts[concept] if s["__key__"] != exclude_key][: self.num_refs]
-        return torch.stack([to_tensor(self.reference(image=mask_crop(s["image"], s["mask"], self.augment.fill, 0, None))["image"])
-                            for s in chosen])
+        return prepare_references([s["image"] for s in chosen], [s["mask"] for s in chosen],
+                                  size=self.model.image_encoder.image_size[0], field="--data")
 
     def object_pixels(self, concept: str) -> np.ndarray:
         return np.concatenate([s["image"][s["mask"]] for s in self.concepts[concept]])
@@ -129,8 +130,8 @@ class Experiment:
             for j, s in enumerate(ss[:prompts_per_concept]):
                 prompt = insert_identifier(s["caption"], s["meta"]["class"], self.model.identifier)
                 seed = self.seed + 1000 * i + j
-                g_own = sample(self.model, own[None], [prompt], cfg, [seed])[0]
-                g_shuf = sample(self.model, other[None], [prompt], cfg, [seed])[0]
+                g_own = generate(self.pipe, own[None], [prompt], cfg, [seed])[0]
+                g_shuf = generate(self.pipe, other[None], [prompt], cfg, [seed])[0]
                 for name, g in (("own", g_own), ("shuffled", g_shuf)):
                     img = (g.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                     scores[name].append(identity_similarity(img, s["meta"]["context"], ref_pixels))
