@@ -27,6 +27,8 @@ from ib.lit_module import InstantBoothModule  # noqa: E402
 class InstantBoothCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.link_arguments("model.identifier", "data.identifier")
+        # One source for the reference size: the image encoder's input size.
+        parser.link_arguments("model.reference_size", "data.reference_size", apply_on="instantiate")
 
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -68,6 +68,11 @@ class InstantBoothModule(L.LightningModule):
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters, speed=self.speed)
 
+    @property
+    def reference_size(self) -> int:
+        """The image encoder's input size: what the DataModule crops references to (linked by the CLI)."""
+        return self.model.image_encoder.image_size[0]
+
     def setup(self, stage: str):
         # The switches against the device and precision: the CLI checked them before anything was written
         # (ib.config_checks); checked again here for modules built in code.

@@ -143,9 +143,8 @@ def test_fit_at_an_image_size_other_than_the_unet_native_size(tmp_path, syntheti
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     m = default_config()["model"]
-    hparams = {"ldm": m["ldm"], "image_encoder": m["image_encoder"], "identifier": "sks", "uncond_adapters": True,
-               "sampling": dict(m["sampling"], steps=1)}
-    return export_weights(build_tiny_model(), hparams, tmp_path_factory.mktemp("w") / "ib.safetensors")
+    return export_weights(build_tiny_model(), tmp_path_factory.mktemp("w") / "ib.safetensors",
+                          sampling=dict(m["sampling"], steps=1))
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,7 @@ def test_generate_missing_flag_is_one_line(tmp_path, photo, capsys):
 def test_generate_out_under_a_file_refused_before_sampling(tmp_path, weights, photo, capsys, monkeypatch):
     """Was a NotADirectoryError raised after every image had been sampled."""
     import ib.generate
-    monkeypatch.setattr(ib.generate, "load_instantbooth", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ib.generate, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
         msg = _one_line(capsys, ["generate", "--weights", str(weights), "--ref", photo, "--prompt", "a sks dog",
@@ -205,7 +204,7 @@ def test_generate_out_under_a_file_refused_before_sampling(tmp_path, weights, ph
 @pytest.mark.parametrize("flags", [["--device", "gpu"], ["--device", "cuda:99"], ["--speed", "graphs", "--device", "cpu"]])
 def test_generate_device_refused_before_the_model_loads(flags, tmp_path, weights, photo, capsys, monkeypatch):
     import ib.generate
-    monkeypatch.setattr(ib.generate, "load_instantbooth", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ib.generate, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
     msg = _one_line(capsys, ["generate", "--weights", str(weights), "--ref", photo, "--prompt", "a sks dog",
                              "--out", str(tmp_path / "o"), *flags])
     assert msg.startswith(f"ib: error: {flags[0]}"), msg

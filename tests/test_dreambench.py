@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ib.data.dreambench import PROMPTS_FILE, load_image, read_dreambench, reference_images
+from ib.data.dreambench import PROMPTS_FILE, load_image, read_dreambench
+from ib.data.references import prepare_references
 from ib.errors import ConfigError
 from ib.evaluate import main as evaluate_main
 from tests.conftest import ROOT
@@ -70,9 +71,9 @@ def test_reads_the_shared_dreambench():
 def test_references_are_whole_images_or_masked_crops(tmp_path):
     image = np.zeros((30, 40, 3), np.uint8)
     image[10:20, 5:15] = 200
-    whole = reference_images([image], size=20)
+    whole = prepare_references([image], size=20)
     assert whole.shape == (1, 3, 20, 20) and whole.min() == 0  # black background kept, padded to square
-    crop = reference_images([image], size=20, mask_fn=lambda im: im[..., 0] > 100)
+    crop = prepare_references([image], lambda im: im[..., 0] > 100, size=20)  # a mask function (as a backend)
     assert crop.shape == (1, 3, 20, 20) and ((crop - 200 / 255).abs() < 1e-6).all()  # just the object
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ib.evaluate import main as evaluate_main
-from ib.weights import export_weights, load_instantbooth
+from ib.weights import export_weights, load_model
 from tests.conftest import ROOT, build_tiny_model, default_config, run_config
 
 DREAMBENCH = ROOT.parent / "shared" / "dreambench"
@@ -21,7 +21,7 @@ def weights(tmp_path_factory):
     """The tiny model as `ib export` writes it, with the module's hyper-parameter layout."""
     model_cfg = default_config()["model"]
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    return export_weights(build_tiny_model(), model_cfg, path)
+    return export_weights(build_tiny_model(), path, sampling=model_cfg["sampling"])
 
 
 def _args(weights, out, *extra):
@@ -103,6 +103,6 @@ def test_loaded_tiny_model_is_the_trained_one(tmp_path, synthetic_shards):
     cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
                           args=["--config", str(run_config(tmp_path, synthetic_shards))])
     trained = cli.model.model
-    loaded, _ = load_instantbooth(export_weights(trained, dict(cli.model.hparams), tmp_path / "w.safetensors"))
+    loaded, _ = load_model(export_weights(trained, tmp_path / "w.safetensors", sampling=cli.model.hparams["sampling"]))
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in trained.state_dict().items())

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from ib.cli import main
-from ib.weights import export_weights
+from ib.weights import CONFIG_KEY, export_weights, write_weights
 from tests.conftest import build_tiny_model, default_config
 
 
@@ -18,9 +18,7 @@ def weights(tmp_path_factory):
     with torch.no_grad():
         for a in model.adapters:
             a.gate.fill_(0.4)
-    hparams = {"ldm": m["ldm"], "image_encoder": m["image_encoder"], "identifier": "sks", "uncond_adapters": True,
-               "sampling": dict(m["sampling"], steps=2)}
-    return export_weights(model, hparams, tmp_path_factory.mktemp("w") / "ib.safetensors")
+    return export_weights(model, tmp_path_factory.mktemp("w") / "ib.safetensors", sampling=dict(m["sampling"], steps=2))
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +53,19 @@ def test_generate_writes_images_and_settings(tmp_path, weights, photos, capsys):
 def test_export_from_checkpoint_and_dtype(tmp_path, weights):
     from ib.export import export
 
-    # A Lightning-style checkpoint (what `ib fit` writes) exports to the same tensors.
+    # A Lightning-style checkpoint (what `ib fit` writes: the model's own names under "model.") exports to the
+    # same tensors, named as in the export file.
     from safetensors.torch import load_file
-    from ib.weights import read_weights
+    from ib.weights import load_model, read_weights
     hparams, state = read_weights(weights)
+    model, _ = load_model(weights)
     ckpt = tmp_path / "x.ckpt"
-    torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}, ckpt)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.trainable_state_dict().items()},
+                "hyper_parameters": hparams}, ckpt)
     out = export(str(ckpt), tmp_path / "e.safetensors", "bf16")
     got = load_file(str(out))
     assert set(got) == set(state) and all(v.dtype == torch.bfloat16 for v in got.values())
+    assert all(torch.equal(got[k], state[k].to(torch.bfloat16)) for k in state)
 
 
 def _error(capsys, argv) -> str:
@@ -86,17 +88,22 @@ def test_generate_refusals(tmp_path, weights, photos, capsys):
     assert "--mask" in _error(capsys, base + ["--ref", *refs[:2], "--mask", mask, "--prompt", "a sks dog"])
     assert not out.exists()  # nothing half-written
 
-    # Weights of another architecture: a message, not a stack of shape errors.
+    # Weights of another architecture: a message, not a stack of shape errors. Format 1 (one JSON config, the
+    # model's own names) and format 2 (`ib export`: base model in the metadata, diffusers module paths).
+    from safetensors import safe_open
     from ib.weights import read_weights
-    hparams, state = read_weights(weights)
+    hparams, _ = read_weights(weights)
     other = dict(hparams, ldm=dict(hparams["ldm"], unet=dict(hparams["ldm"]["unet"], cross_attention_dim=48)))
-    from safetensors.torch import save_file
-    wrong = tmp_path / "wrong.safetensors"
-    save_file(state, str(wrong), metadata={"ib_config": json.dumps(other)})
-    msg = _error(capsys, ["generate", "--weights", str(wrong), "--ref", refs[0], "--prompt", "a sks dog",
-                          "--out", str(out)])
-    assert "do not fit" in msg
-    assert not out.exists()
+    wrong = write_weights(build_tiny_model().trainable_state_dict(), {CONFIG_KEY: json.dumps(other)},
+                          tmp_path / "wrong.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    wrong2 = write_weights(state, dict(meta, base_model=json.dumps(other["ldm"])), tmp_path / "wrong2.safetensors")
+    for path in (wrong, wrong2):
+        msg = _error(capsys, ["generate", "--weights", str(path), "--ref", refs[0], "--prompt", "a sks dog",
+                              "--out", str(out)])
+        assert "do not fit" in msg
+        assert not out.exists()
 
 
 def test_generate_with_masks(tmp_path, weights, photos):

@@ -14,7 +14,7 @@ from ib.cli import main
 from ib.data.dreambench import load_image
 from ib.data.shards import BadSample, decode_sample
 from ib.errors import ConfigError
-from ib.references import load_references
+from ib.data.references import prepare_references
 from tests.test_generate_cli import weights  # noqa: F401 — the exported tiny model fixture
 
 RAMP16 = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (32, 1))  # (32, 64), the full 16-bit range
@@ -132,9 +132,9 @@ def test_16bit_reference_and_mask_read_like_their_8bit_versions(tmp_path):
     Image.fromarray(mask16).save(tmp_path / "mask16.png")
     Image.fromarray(np.rint(photo16 / 257).astype(np.uint8)).save(tmp_path / "ref8.png")
     Image.fromarray(np.where(mask16 >= 32768, 255, 0).astype(np.uint8)).save(tmp_path / "mask8.png")
-    refs16 = load_references([str(tmp_path / "ref16.png")], [str(tmp_path / "mask16.png")], 16)
-    refs8 = load_references([str(tmp_path / "ref8.png")], [str(tmp_path / "mask8.png")], 16)
-    assert refs16.shape == (1, 1, 3, 16, 16) and torch.equal(refs16, refs8)
+    refs16 = prepare_references([str(tmp_path / "ref16.png")], [str(tmp_path / "mask16.png")], size=16)
+    refs8 = prepare_references([str(tmp_path / "ref8.png")], [str(tmp_path / "mask8.png")], size=16)
+    assert refs16.shape == (1, 3, 16, 16) and torch.equal(refs16, refs8)
     assert refs16.mean() < 0.9  # not the white a clipped 16-bit photo gives
 
 
@@ -148,7 +148,7 @@ def test_decompression_bomb_is_a_bad_sample_or_a_config_error(bomb):
                                         r"\(400000000 pixels\)"):
         decode_sample({**sample(encode(np.zeros((4, 4), np.uint8), "PNG")), "jpg": bomb.read_bytes()})
     with pytest.raises(ConfigError, match=f"--ref: cannot read image {bomb}: too many pixels"):
-        load_references([str(bomb)], None, 16)
+        prepare_references([str(bomb)], None, size=16, field="--ref")
     with pytest.raises(ConfigError, match=f"--data: cannot read image {bomb}: too many pixels"):
         load_image(bomb)
 

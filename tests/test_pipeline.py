@@ -16,7 +16,7 @@ from ib.models.adapter import adapters_removed
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.pipeline import InstantBoothPipeline, load_instantbooth, seeded
 from ib.weights import CONFIG_KEY, export_weights, write_weights
-from tests.conftest import build_tiny_model, default_config
+from tests.conftest import build_tiny_model, default_config, run_config
 
 PROMPT = "a photo of a sks toy on the grass"
 
@@ -259,3 +259,60 @@ def test_a_tampered_pipeline_folder_is_refused_without_importing_what_it_names(m
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match=message):
         InstantBoothPipeline.from_pretrained(folder)
+
+
+def test_the_reference_size_has_one_source_the_image_encoder(tmp_path, synthetic_shards):
+    """The DataModule crops references to the encoder's input size; the config cannot set another one."""
+    from ib.cli import InstantBoothCLI
+    from ib.data.datamodule import InstantBoothDataModule
+    from ib.lit_module import InstantBoothModule
+    vision = {"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32}
+    config = str(run_config(tmp_path, synthetic_shards))
+    cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
+                          args=["--config", config, "--model.image_encoder.overrides.vision_cfg", json.dumps(vision)])
+    assert cli.model.model.image_encoder.image_size == (32, 32)
+    assert cli.datamodule.reference_size == 32
+    with pytest.raises(SystemExit):
+        InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
+                        args=["--config", config, "--data.reference_size", "48"])
+
+
+def _ib(*args):
+    return subprocess.run([sys.executable, "-m", "ib.cli", *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tmp_path):
+    ref = tmp_path / "ref.png"
+    Image.fromarray(refs[0].permute(1, 2, 0).numpy()).save(ref)
+    base = _base_folder(model, tmp_path / "base")
+    r = _ib("generate", "--weights", weights, "--base", base, "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
+            "--prompt", PROMPT, "--out", tmp_path / "out", "--num-images", "2")
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((tmp_path / "out" / "settings.json").read_text())
+    assert settings["base"] == str(base) and settings["sampling"]["scheduler"] == "dpm++"
+    assert len(list((tmp_path / "out").glob("seed*.png"))) == 2
+    # A saved pipeline folder works as --weights too, and gives the same image for the same seed.
+    InstantBoothPipeline.from_weights(weights, base=base).save_pretrained(tmp_path / "pipe")
+    r = _ib("generate", "--weights", tmp_path / "pipe", "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
+            "--prompt", PROMPT, "--out", tmp_path / "out2", "--num-images", "2")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "seed000000.png")),
+                          np.asarray(Image.open(tmp_path / "out" / "seed000000.png")))
+
+
+def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp_path):
+    cfg = default_config()["model"]["ldm"]
+    FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "cross_attention_dim": 48}})).save_pretrained(
+        tmp_path / "other")
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(ref)
+    r = _ib("generate", "--weights", weights, "--base", tmp_path / "other", "--ref", ref, "--prompt", PROMPT,
+            "--out", tmp_path / "out")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"ib: error: --base {tmp_path / 'other'}: the base's UNet "
+                                                        "differs from the one the weights were trained on: cross_attention_dim 48 vs 32")
+    assert not (tmp_path / "out").exists()
+    r = _ib("generate", "--weights", weights, "--base", tmp_path / "nowhere", "--ref", ref, "--prompt", PROMPT,
+            "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.strip().endswith(f"--base: folder not found: {tmp_path / 'nowhere'}")

@@ -60,6 +60,15 @@ class InstantBooth(nn.Module):
     def from_config(cls, ldm: LDMConfig, image_encoder: ImageEncoderConfig, **kwargs) -> "InstantBooth":
         return cls(FrozenLDM.from_config(ldm), FrozenImageEncoder.build(image_encoder), **kwargs)
 
+    @property
+    def device(self) -> torch.device:
+        return self.concept_head.proj.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen parts' dtype (what a diffusers pipeline reports as its own)."""
+        return self.ldm.unet.dtype
+
     # --- the trainable part -------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(TRAINABLE_PREFIXES)}

@@ -26,7 +26,7 @@ from ib.data.shards import decode_sample, resolve_shards
 from ib.data.references import prepare_references
 from ib.data.transforms import target_transform
 from ib.models.identifier import insert_identifier, strip_identifier
-from ib.models.sampler import SamplingConfig
+from ib.models.sampler import SCHEDULERS, SamplingConfig
 from ib.pipeline import InstantBoothPipeline, generate
 from ib.toy.identity_score import identity_similarity
 from ib.weights import load_model
@@ -152,14 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--timesteps", type=int, nargs="+", default=[100, 250, 400, 550, 700, 850])
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--prompts-per-concept", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     exp = Experiment(a.weights, a.data, a.num_refs, a.timesteps, a.seed)
     losses = exp.losses()
-    trained = SamplingConfig(steps=a.sample_steps, guidance_scale=a.guidance_scale, beta=1.0, alpha=1.0)
-    balanced = SamplingConfig(steps=a.sample_steps, guidance_scale=a.guidance_scale, beta=0.3, alpha=0.4)
+    trained = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, beta=1.0, alpha=1.0)
+    balanced = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, beta=0.3, alpha=0.4)
     ident, grid = exp.identity(trained, a.prompts_per_concept)
     ident_bal, _ = exp.identity(balanced, a.prompts_per_concept)
     report = {
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         "losses": losses,
         "settings": {"weights": a.weights, "data": a.data, "held_out_concepts": len(exp.concepts),
                      "samples": sum(map(len, exp.concepts.values())), "num_refs": a.num_refs,
-                     "timesteps": a.timesteps, "sample_steps": a.sample_steps, "guidance_scale": a.guidance_scale,
+                     "timesteps": a.timesteps, "sample_steps": a.sample_steps, "scheduler": a.scheduler, "guidance_scale": a.guidance_scale,
                      "identity_sampling": {"beta": 1.0, "alpha": 1.0}, "seed": a.seed},
     }
     a.out.mkdir(parents=True, exist_ok=True)
