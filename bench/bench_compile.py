@@ -26,6 +26,7 @@ def one_scope(scale: str, scope: str, batch: int, device: str) -> dict:
     from diffusers import UNet2DConditionModel
 
     from ib.models.adapter import adapter_kwargs, install_adapters
+    from ib.models.heads import PatchHead
     from ib.models.speed import COMPILE_SCOPES, RECOMPILE_LIMIT
 
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
@@ -33,7 +34,7 @@ def one_scope(scale: str, scope: str, batch: int, device: str) -> dict:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
     width = cfg["cross_attention_dim"]
-    install_adapters(unet, width)
+    install_adapters(unet, width, PatchHead(width, width))
     unet.to(device)
     side = cfg["sample_size"]
     x = torch.randn(batch, cfg["in_channels"], side, side, device=device)

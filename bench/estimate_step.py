@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from data_tools.build_shards import write_json  # noqa: E402
 from ib.models.adapter import adapter_kwargs, install_adapters  # noqa: E402
+from ib.models.heads import PatchHead  # noqa: E402
 
 CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
 MODES = ("autocast_fp32_weights", "autocast_bf16_weights", "native_bf16", "anchor")
@@ -126,7 +127,8 @@ def unet_with_adapters(scale: str, mode: str):
             unet.position_net = Pass()
             unet.to(torch.bfloat16)
         else:
-            install_adapters(unet, cfg["cross_attention_dim"])
+            width = cfg["cross_attention_dim"]
+            install_adapters(unet, width, PatchHead(width, width))  # tokens arrive projected; the head only routes them
             frozen = torch.float32 if mode == "autocast_fp32_weights" else torch.bfloat16
             for name, p in unet.named_parameters():
                 p.data = p.data.to(torch.bfloat16 if mode == "native_bf16" else

@@ -42,7 +42,8 @@ def read_weights(path: str | Path, field_name: str = "--weights") -> tuple[dict,
         except Exception as e:
             raise ConfigError(f"{field_name}: cannot read {path}: {e}") from e
         try:
-            hparams, what = hparams_from_metadata(meta), "metadata"
+            hparams = hparams_from_metadata(meta)
+            what = "metadata" if meta.get("format") == FORMAT else f"'{CONFIG_KEY}' metadata"
         except ConfigError as e:
             raise ConfigError(f"{field_name} {path}: {e}") from e
     else:

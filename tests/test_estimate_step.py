@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 
 from bench import estimate_step as E
 from ib.models.adapter import adapter_kwargs, install_adapters
+from ib.models.heads import PatchHead
 
 
 def _saved_by(unet, inputs, context) -> tuple[int, list]:
@@ -28,7 +29,8 @@ def test_emulated_autocast_saves_what_real_autocast_saves(monkeypatch):
     cfg = yaml.safe_load(E.CONFIGS["tiny"].read_text())["model"]["ldm"]["unet"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
-    install_adapters(unet, cfg["cross_attention_dim"])
+    width = cfg["cross_attention_dim"]
+    install_adapters(unet, width, PatchHead(width, width))  # its forward only hands the visual tokens on
     with torch.no_grad():
         for m in unet.modules():
             if hasattr(m, "gate"):

@@ -18,7 +18,7 @@ from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackbone, ClipBackboneConfig, DinoBackbone, DinoBackboneConfig
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig, create_open_clip
-from ib.weights import CONFIG_KEY, read_weights, write_weights
+from ib.weights import CONFIG_KEY, export_metadata, read_weights, write_weights
 from tests.conftest import ROOT, build_tiny_model, default_config, edit_config, run_config
 
 DREAMBENCH = ROOT.parent / "shared" / "dreambench"
@@ -42,14 +42,34 @@ def plant(path, marker):
 
 
 @pytest.fixture(scope="module")
-def state():
-    return build_tiny_model().trainable_state_dict()
+def tiny():
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def state(tiny):
+    return tiny.trainable_state_dict()
 
 
 def tiny_hparams(**changes) -> dict:
     m = default_config()["model"]
     return {"ldm": m["ldm"], "image_encoder": m["image_encoder"], "identifier": "sks", "uncond_adapters": True,
             "sampling": dict(m["sampling"], steps=2), **changes}
+
+
+def v1(hparams: dict) -> dict[str, str]:
+    """Format 1 metadata (older `ib export` files): one JSON entry with the hyper-parameters."""
+    return {CONFIG_KEY: json.dumps(hparams)}
+
+
+def stored(fmt: int, model, state: dict, hparams: dict, out):
+    """An export file of format `fmt` holding `state` (the model's own names) and the configs of `hparams`:
+    format 1 as above, format 2 as `ib export` writes it (diffusers module paths, one metadata entry per field)."""
+    if fmt == 1:
+        return write_weights(state, v1(hparams), out)
+    meta = dict(export_metadata(model, hparams.get("sampling")), base_model=json.dumps(hparams["ldm"]),
+                image_encoder=json.dumps(hparams["image_encoder"]))
+    return write_weights(model.to_diffusers_names(state), meta, out)
 
 
 def evil_image_encoder(planted, **override_changes) -> dict:
@@ -78,21 +98,24 @@ def generate_args(weights, photo, out):
 
 # --- a planted pickle through every command -------------------------------------------------------------------
 
-def test_generate_refuses_export_whose_config_unlocks_pickles(tmp_path, state, photo, capsys):
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_generate_refuses_export_whose_config_unlocks_pickles(tmp_path, tiny, state, photo, fmt, capsys):
     marker = tmp_path / "MARKER"
     planted = plant(tmp_path / "clip.pt", marker)
-    weights = write_weights(state, tiny_hparams(image_encoder=evil_image_encoder(planted)), tmp_path / "evil.safetensors")
+    weights = stored(fmt, tiny, state, tiny_hparams(image_encoder=evil_image_encoder(planted)),
+                     tmp_path / "evil.safetensors")
     msg = one_line_error(capsys, generate_args(weights, photo, tmp_path / "out"))
     assert msg == f"ib: error: --weights {weights}: model.image_encoder.overrides.weights_only: not an allowed field"
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_generate_refuses_planted_pickle_without_unlock(tmp_path, state, photo, capsys):
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_generate_refuses_planted_pickle_without_unlock(tmp_path, tiny, state, photo, fmt, capsys):
     """`pretrained` alone pointing at a pickle: loaded weights-only, so refused, never run."""
     marker = tmp_path / "MARKER"
     planted = plant(tmp_path / "clip.pt", marker)
     ie = dict(default_config()["model"]["image_encoder"], pretrained=str(planted))
-    weights = write_weights(state, tiny_hparams(image_encoder=ie), tmp_path / "evil.safetensors")
+    weights = stored(fmt, tiny, state, tiny_hparams(image_encoder=ie), tmp_path / "evil.safetensors")
     msg = one_line_error(capsys, generate_args(weights, photo, tmp_path / "out"))
     assert msg == (f"ib: error: model.image_encoder.pretrained: {planted} is not a weights-only checkpoint (it holds "
                    f"more than tensors; loading it could run code): refused")
@@ -169,7 +192,8 @@ def test_export_refuses_checkpoint_whose_hyper_parameters_unlock_pickles(tmp_pat
 def test_evaluate_refuses_export_whose_config_unlocks_pickles(tmp_path, state, capsys):
     marker = tmp_path / "MARKER"
     planted = plant(tmp_path / "clip.pt", marker)
-    weights = write_weights(state, tiny_hparams(image_encoder=evil_image_encoder(planted)), tmp_path / "evil.safetensors")
+    weights = write_weights(state, v1(tiny_hparams(image_encoder=evil_image_encoder(planted))),
+                            tmp_path / "evil.safetensors")
     msg = one_line_error(capsys, ["evaluate", "--weights", str(weights), "--data", str(DREAMBENCH), "--out",
                                   str(tmp_path / "eval"), "--backbones", str(ROOT / "conf" / "metrics" / "tiny.yaml")])
     assert msg == f"ib: error: --weights {weights}: model.image_encoder.overrides.weights_only: not an allowed field"
@@ -217,11 +241,12 @@ def _copy_with_bin(tiny_ldm_folder, tmp_path, part, content):
     return copy
 
 
+@pytest.mark.parametrize("fmt", [1, 2])
 @pytest.mark.parametrize("part", sorted(PICKLE_FILES))
-def test_diffusers_folder_with_a_pickle_bin_is_refused(tmp_path, tiny_ldm_folder, state, photo, part, capsys):
+def test_diffusers_folder_with_a_pickle_bin_is_refused(tmp_path, tiny_ldm_folder, tiny, state, photo, part, fmt, capsys):
     marker = tmp_path / "MARKER"
     folder = _copy_with_bin(tiny_ldm_folder, tmp_path, part, {"w": Planted(marker)})
-    weights = write_weights(state, tiny_hparams(ldm={"pretrained": str(folder)}), tmp_path / "w.safetensors")
+    weights = stored(fmt, tiny, state, tiny_hparams(ldm={"pretrained": str(folder)}), tmp_path / "w.safetensors")
     msg = one_line_error(capsys, generate_args(weights, photo, tmp_path / "out"))
     assert msg.startswith(f"ib: error: model.ldm.pretrained: cannot load '{folder}'")
     assert not marker.exists() and not (tmp_path / "out").exists()
@@ -281,6 +306,21 @@ def test_broken_export_metadata_is_one_line(tmp_path, state, photo, meta, reason
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change, reason", [
+    ({"format_version": "3"}, "format version '3'; this ib reads 2"),
+    ({"base_model": "{not json"}, "'base_model' metadata is not JSON"),
+    ({"base_model": json.dumps({"unet2": {}})}, "model.ldm.unet2: not an allowed field"),
+    ({"image_encoder": None}, "has no 'image_encoder' metadata"),
+    ({"sampling": json.dumps({"stepz": 3})}, "model.sampling.stepz: not an allowed field"),
+])
+def test_broken_format_2_metadata_is_one_line(tmp_path, tiny, state, photo, change, reason, capsys):
+    meta = {k: v for k, v in dict(export_metadata(tiny), **change).items() if v is not None}
+    weights = _raw_export(tmp_path / "w.safetensors", tiny.to_diffusers_names(state), meta)
+    msg = one_line_error(capsys, generate_args(weights, photo, tmp_path / "out"))
+    assert msg == f"ib: error: --weights {weights}: {reason}"
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_hyper_parameters_without_ldm(tmp_path, state, capsys):
     ckpt = tmp_path / "x.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": {"image_encoder": {}}}, ckpt)
@@ -290,17 +330,19 @@ def test_checkpoint_hyper_parameters_without_ldm(tmp_path, state, capsys):
 
 # --- non-finite weights ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fmt", [1, 2])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_generate_refuses_non_finite_weights(tmp_path, state, photo, bad, capsys):
+def test_generate_refuses_non_finite_weights(tmp_path, tiny, state, photo, bad, fmt, capsys):
     key = sorted(state)[0]
     poisoned = dict(state, **{key: state[key].clone().fill_(bad)})
-    weights = write_weights(poisoned, tiny_hparams(), tmp_path / "nan.safetensors")
+    weights = stored(fmt, tiny, poisoned, tiny_hparams(), tmp_path / "nan.safetensors")
+    stored_key = key if fmt == 1 else next(iter(tiny.to_diffusers_names({key: None})))  # as named in the file
     msg = one_line_error(capsys, generate_args(weights, photo, tmp_path / "out"))
-    assert msg == f"ib: error: --weights {weights}: non-finite values in {key}"
+    assert msg == f"ib: error: --weights {weights}: non-finite values in {stored_key}"
     assert not (tmp_path / "out").exists()
 
 
-def test_export_refuses_non_finite_checkpoint_and_fp16_overflow(tmp_path, state, capsys):
+def test_export_refuses_non_finite_checkpoint_and_fp16_overflow(tmp_path, tiny, state, capsys):
     key = sorted(state)[-1]
     ckpt = tmp_path / "x.ckpt"
     poisoned = dict(state, **{key: state[key].clone().fill_(float("nan"))})
@@ -312,8 +354,9 @@ def test_export_refuses_non_finite_checkpoint_and_fp16_overflow(tmp_path, state,
 
     big = dict(state, **{key: state[key].clone().fill_(1e6)})  # finite in fp32, inf in fp16
     torch.save({"state_dict": {f"model.{k}": v for k, v in big.items()}, "hyper_parameters": tiny_hparams()}, ckpt)
+    exported_key = next(iter(tiny.to_diffusers_names({key: None})))  # named as in the file it would write
     assert one_line_error(capsys, ["export", "--ckpt", str(ckpt), "--out", str(out), "--dtype", "fp16"]) == \
-        f"ib: error: --dtype fp16: {key} does not fit fp16 (values overflow to inf)"
+        f"ib: error: --dtype fp16: {exported_key} does not fit fp16 (values overflow to inf)"
     assert not out.exists()
     assert main(["export", "--ckpt", str(ckpt), "--out", str(out), "--dtype", "bf16"]) == 0
 
@@ -324,7 +367,7 @@ def test_export_refuses_non_finite_checkpoint_and_fp16_overflow(tmp_path, state,
 def test_exported_file_gets_the_usual_mode(tmp_path, state, umask):
     old = os.umask(umask)
     try:
-        out = write_weights(state, tiny_hparams(), tmp_path / "e.safetensors")
+        out = write_weights(state, v1(tiny_hparams()), tmp_path / "e.safetensors")
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
@@ -336,9 +379,9 @@ def test_failed_export_leaves_nothing(tmp_path, state):
     out = tmp_path / "e.safetensors"
     shared = torch.zeros(4)
     with pytest.raises(Exception):
-        write_weights({"a": shared, "b": shared}, tiny_hparams(), out)  # safetensors refuses shared storage
+        write_weights({"a": shared, "b": shared}, v1(tiny_hparams()), out)  # safetensors refuses shared storage
     assert list(tmp_path.iterdir()) == []
-    write_weights(state, tiny_hparams(), out)
+    write_weights(state, v1(tiny_hparams()), out)
     with pytest.raises(Exception):
-        write_weights({"a": shared, "b": shared}, tiny_hparams(), out)
+        write_weights({"a": shared, "b": shared}, v1(tiny_hparams()), out)
     assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"] and set(load_file(str(out))) == set(state)

@@ -12,7 +12,6 @@ import open_clip
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-import torch.nn.functional as F
 from torch import nn
 
 from ib.allow_list import check_fields, fields
@@ -124,8 +123,9 @@ class FrozenImageEncoder(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [0, 1] -> global (B, global_dim), tokens (B, 1 + patches, token_dim)."""
-        if tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False).clamp(0, 1)
+        if tuple(images.shape[-2:]) != self.image_size:  # one size, set by the encoder: nothing resizes silently
+            raise ValueError(f"references are {tuple(images.shape[-2:])}, the image encoder takes {self.image_size} "
+                             "(ib.data.references.prepare_references makes them)")
         x = ((images - self.mean) / self.std).to(next(self.visual.parameters()).dtype)  # bf16 when held in bf16
         out = self.visual.forward_intermediates(x, indices=1, output_extra_tokens=True, output_fmt="NLC")
         tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)

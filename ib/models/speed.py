@@ -113,6 +113,7 @@ def apply_speed(model, cfg: SpeedConfig, inference: bool = False) -> None:
         ldm.to(dtype)
         model.image_encoder.to(dtype)
         model.adapters.float()  # they live inside the UNet; keep them fp32 master weights
+        model.patch_head.float()  # so does the patch head (the UNet's position_net)
         if cfg.native_frozen_compute and inference:
             for part in (model.adapters, model.concept_head, model.patch_head):
                 part.to(dtype)
