@@ -89,7 +89,7 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"compile-{a.scale}-{a.device}-{res['date']}.json"
     sys.path.insert(0, str(ROOT))
-    from data_tools.build_shards import write_json
+    from ib.atomic_write import write_json
     write_json(path, res)  # atomically: a cut-short run leaves no half-written file
     print(f"written: {path}")
     return res

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from data_tools import build_shards  # noqa: E402
+from ib.atomic_write import write_json  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule, LoaderConfig, SampleTransform, batch_to_float  # noqa: E402
 from ib.data.shards import decode_sample, read_tar_samples  # noqa: E402
 from ib.data.streams import TrainStream  # noqa: E402
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
               "load_average": os.getloadavg()}
     a.output.mkdir(parents=True, exist_ok=True)
     path = a.output / f"bench_data-{platform.node()}-{datetime.date.today()}.json"
-    build_shards.write_json(path, result)  # atomically: a cut-short run leaves no half-written file
+    write_json(path, result)  # atomically: a cut-short run leaves no half-written file
     print(f"saved {path}")
     return 0
 

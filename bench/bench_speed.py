@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import resource
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from ib.models.frozen_ldm import LDMConfig  # noqa: E402
 from ib.models.image_encoder import ImageEncoderConfig  # noqa: E402
+from ib.atomic_write import write_json  # noqa: E402
 from ib.models.frozen_ldm import FrozenLDM  # noqa: E402
 from ib.models.image_encoder import FrozenImageEncoder  # noqa: E402
 from ib.models.instantbooth import InstantBooth  # noqa: E402
@@ -400,9 +400,7 @@ def run(a) -> dict:
     def save():  # after every figure: a run cut short still leaves what it measured
         res["wall_s"] = round(time.time() - bench.t0, 1)
         res["process_max_rss_GiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=str))
-        tmp.replace(path)
+        write_json(path, res, default=str)
 
     print(f"building the {a.scale} model on {a.device} ...", flush=True)
     bench = Bench(a)

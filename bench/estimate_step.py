@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_tools.build_shards import write_json  # noqa: E402
+from ib.atomic_write import write_json  # noqa: E402
 from ib.models.adapter import adapter_kwargs, install_adapters  # noqa: E402
 from ib.models.heads import PatchHead  # noqa: E402
 

@@ -24,19 +24,13 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from ib.atomic_write import write_json
 from data_tools import filters
 from data_tools.classes import VocabularyError, read_classes
 from data_tools.sources import Columns, InputError, Job, discover
 from ib.data.masks import MaskError, mask_backend_names
 
 TASKS_PER_WORKER = 16  # items handed to the pool at a time, per worker: bounds memory for in-shard bytes
-
-
-def write_json(path: Path, value) -> None:
-    """Atomically: the file is either absent or complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -150,7 +144,7 @@ def build(a: argparse.Namespace) -> dict:
     out, stats_dir = a.output, a.output / ".stats"
     check_output(out, a.input, kind, settings, jobs, a.overwrite)
     stats_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out / "build.json", settings)
+    write_json(out / "build.json", settings, sort_keys=True)
 
     pending = [j for j in jobs if not (stats_dir / f"{j.name}.json").is_file()]
     workers = min(a.workers, max(1, sum(j.count for j in pending)))
@@ -169,7 +163,7 @@ def build(a: argparse.Namespace) -> dict:
             kept = 0
             for job in pending:
                 stats = write_shard(job, out, run_items, TASKS_PER_WORKER * workers, shard_errors, bar)
-                write_json(stats_dir / f"{job.name}.json", stats)
+                write_json(stats_dir / f"{job.name}.json", stats, sort_keys=True)
                 kept += stats["kept"]
                 bar.set_postfix(kept=kept)
     finally:
@@ -215,7 +209,7 @@ def write_report(out: Path, jobs: list[Job], stats_dir: Path) -> dict:
         dropped.update(s["dropped"])
         shards += (out / job.name).is_file()
     report = {"inputs": inputs, "kept": kept, "dropped": dict(sorted(dropped.items())), "shards": shards}
-    write_json(out / "report.json", report)
+    write_json(out / "report.json", report, sort_keys=True)
     print(f"{inputs} inputs, {kept} kept in {shards} shards at {out}")
     for reason, n in sorted(dropped.items(), key=lambda kv: -kv[1]):
         print(f"  dropped {reason:<18} {n:>8}")

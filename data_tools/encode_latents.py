@@ -24,7 +24,7 @@ import torch
 import webdataset as wds
 import yaml
 
-from data_tools.build_shards import write_json
+from ib.atomic_write import write_json
 from ib.data.shards import LATENTS_MEMBER, BadSample, decode_sample, read_tar_samples, resolve_shards
 from ib.data.transforms import target_transform
 from ib.errors import ConfigError
@@ -133,15 +133,15 @@ def run(a) -> dict:
     ldm = FrozenLDM.from_config(LDMConfig(**settings["ldm"]))
     encoder = Encoder(ldm, settings["image_size"], a.device)
     a.output.mkdir(parents=True, exist_ok=True)
-    write_json(report_path, report)
+    write_json(report_path, report, sort_keys=True)
     for url, name in todo:
         report["shards"][name] = encode_shard(url, a.output / name, encoder, a.batch_size)
-        write_json(report_path, report)
+        write_json(report_path, report, sort_keys=True)
         s = report["shards"][name]
         print(f"{name}: {s['kept']} samples with latents, {s['skipped']} skipped", flush=True)
     report["kept"] = sum(s["kept"] for s in report["shards"].values())
     report["skipped"] = sum(s["skipped"] for s in report["shards"].values())
-    write_json(report_path, report)
+    write_json(report_path, report, sort_keys=True)
     return report
 
 

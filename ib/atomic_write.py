@@ -4,6 +4,7 @@ A reader (or a resumed run) sees the old file or the new one, never half of one.
 (SIGKILL, OOM, a node failure) leaves its temp file behind; `remove_stale_temp_files` clears those at the
 next start.
 """
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +33,16 @@ def atomic_path(path: str | Path):
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(path: str | Path, value, **dump_options) -> None:
+    """JSON (indent 1 unless told otherwise), whole or not at all."""
+    write_text(path, json.dumps(value, **{"indent": 1, **dump_options}) + "\n")
 
 
 def remove_stale_temp_files(folder: str | Path, suffix: str = "") -> list[Path]:

@@ -23,12 +23,13 @@ from tqdm import tqdm  # noqa: E402
 
 from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, to_tensor  # noqa: E402
 from ib.data.references import prepare_references  # noqa: E402
+from ib.atomic_write import atomic_path, write_json  # noqa: E402
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
 from ib.generate import add_model_arguments, load_pipeline, sampling_from_args  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
-from ib.models.identifier import strip_identifier  # noqa: E402
+from ib.identifier import strip_identifier  # noqa: E402
 from ib.models.sampler import SCHEDULERS, SamplingConfig  # noqa: E402
 from ib.models.speed import check_speed_preset, default_preset  # noqa: E402
 from ib.pipeline import WEIGHTS_FILE, generate  # noqa: E402
@@ -125,13 +126,7 @@ def check_out_folder(out: Path, settings: dict) -> None:
             raise ConfigError(f"--out: {out} holds images generated with other settings ({changed[0]}: "
                               f"{old.get(changed[0])} -> {settings[changed[0]]}); use another folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(path, settings)
-
-
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1, allow_nan=False))
-    tmp.replace(path)
+    write_json(path, settings, allow_nan=False)
 
 
 def image_path(out: Path, subject: Subject, prompt_index: int, prompt: str, i: int) -> Path:
@@ -151,9 +146,8 @@ def _readable(path: Path) -> bool:
 def _save(image: torch.Tensor, path: Path) -> None:
     """Atomically: a killed run never leaves a half-written image to be reused."""
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    Image.fromarray(array).save(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
 
 
 def _number(x: torch.Tensor) -> float | None:
@@ -225,7 +219,7 @@ def evaluate(args) -> dict:
               "settings": {**settings, "weights": str(args.weights), "data": str(args.data),
                            "subjects": len(subjects), "max_prompts": args.max_prompts, "num_images": args.num_images},
               "backbones": {"clip": asdict(clip_cfg), "dino": asdict(dino_cfg)}}
-    _write_json(out / REPORT_FILE, report)
+    write_json(out / REPORT_FILE, report, allow_nan=False)
     return report
 
 

@@ -3,7 +3,6 @@
     ib generate --weights run.safetensors --ref a.jpg b.jpg --prompt "a photo of a sks dog on the beach" --out DIR
     [--base FOLDER] [--scheduler dpm++ --steps 20]
 """
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -11,10 +10,11 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ib.atomic_write import atomic_path, write_json
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device
 from ib.data.masks import MaskError, get_mask_backend
 from ib.errors import ConfigError
-from ib.models.identifier import contains_identifier
+from ib.identifier import contains_identifier
 from ib.data.references import prepare_references
 from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling
 from ib.models.speed import SPEED_HELP, SPEED_PRESETS, check_speed_preset, default_preset
@@ -115,14 +115,13 @@ def run(args) -> list[Path]:
     paths = []
     for seed, image in zip(seeds, torch.cat(images)):
         paths.append(args.out / f"seed{seed:06d}.png")
-        tmp = paths[-1].with_suffix(".tmp.png")
-        save_image(image, tmp)
-        tmp.replace(paths[-1])
+        with atomic_path(paths[-1]) as tmp:
+            save_image(image, tmp, format="png")
     settings = {"weights": str(args.weights), "refs": args.ref, "masks": args.mask,
                 "mask_backend": None if args.mask else args.mask_backend, "prompt": args.prompt,
                 "base": args.base, "seeds": seeds, "sampling": asdict(cfg), "device": device, "speed": speed, "seconds": round(seconds, 3),
                 "images": [p.name for p in paths]}
-    (args.out / "settings.json").write_text(json.dumps(settings, indent=1))
+    write_json(args.out / "settings.json", settings)
     print(f"wrote {len(paths)} images to {args.out} ({seconds:.2f} s sampling)")
     return paths
 

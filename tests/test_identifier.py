@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ib.models.identifier import insert_identifier, strip_identifier, tokenize_with_identifier
+from ib.identifier import insert_identifier, strip_identifier, tokenize_with_identifier
 from tests.conftest import build_tiny_model
 
 

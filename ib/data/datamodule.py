@@ -27,7 +27,7 @@ from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform,
 from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
 from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
-from ib.models.identifier import insert_identifier
+from ib.identifier import insert_identifier
 
 @dataclass
 class LoaderConfig:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ib.metrics.backbones import ClipBackbone, ClipBackboneConfig, Images
 from ib.metrics.mean_cosine import MeanCosine
-from ib.models.identifier import strip_identifier
+from ib.identifier import strip_identifier
 
 
 class CLIPTextSimilarity(MeanCosine):

@@ -12,7 +12,6 @@ import open_clip
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from torch import nn
 
 from ib.allow_list import check_fields, fields
 from ib.errors import ConfigError

@@ -9,7 +9,7 @@ from ib.models.adapter import GatedSelfAttentionAdapter, adapter_kwargs, install
 from ib.models.cuda_graph import CUDAGraphCache
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.heads import ConceptHead, PatchHead
-from ib.models.identifier import tokenize_with_identifier
+from ib.identifier import tokenize_with_identifier
 from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig
 from ib.models.speed import DTYPES, SpeedConfig, apply_speed, as_speed_config
 

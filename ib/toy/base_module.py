@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ib.allow_list import dataclass_from
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
-from ib.models.identifier import strip_identifier
+from ib.identifier import strip_identifier
 
 
 class ToyBaseModule(L.LightningModule):

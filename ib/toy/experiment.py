@@ -25,7 +25,7 @@ from tqdm import tqdm
 from ib.data.shards import decode_sample, resolve_shards
 from ib.data.references import prepare_references
 from ib.data.transforms import target_transform
-from ib.models.identifier import insert_identifier, strip_identifier
+from ib.identifier import insert_identifier, strip_identifier
 from ib.models.sampler import SCHEDULERS, SamplingConfig
 from ib.pipeline import InstantBoothPipeline, generate
 from ib.toy.identity_score import identity_similarity
