@@ -2,23 +2,20 @@
 
 The first `concepts` concepts of the validation shards × `prompts` × `images_per_prompt` are generated
 with fixed seeds through InstantBoothPipeline (the path of `ib generate` and `ib evaluate`), from the
-concept's masked object crops (the references validation uses), and scored against the concept's full
+concept's masked object crops (served by the DataModule, or read from `shards`), and scored against the concept's full
 images. Every rank generates its share of the items; the metrics sum their states over ranks.
 """
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-import webdataset as wds
 from torchvision.utils import make_grid
 
-from ib.data.shards import BadSample, decode_sample, resolve_shards
-from ib.data.references import prepare_references
-from ib.data.transforms import ReferenceAugment
+from ib.data.concepts import HeldOutConcept, read_held_out_concepts
+from ib.data.shards import resolve_shards
 from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig
 from ib.metrics.identity import identity_metrics
@@ -26,18 +23,6 @@ from ib.models.sampler import SamplingConfig, check_sampling
 from ib.pipeline import InstantBoothPipeline, generate
 
 FIELD = "IdentityEval"
-
-
-@dataclass
-class HeldOutConcept:
-    name: str
-    class_noun: str
-    refs: torch.Tensor   # (N, 3, R, R) in [0, 1]: the masked object crops the model is given
-    reals: torch.Tensor  # (N, 3, H, W) uint8: the full images the metrics compare with
-
-
-def _chw(image: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(image.copy()).permute(2, 0, 1)
 
 
 class IdentityEval(L.Callback):
@@ -95,40 +80,11 @@ class IdentityEval(L.Callback):
             self.metrics = identity_metrics(self.clip_cfg, self.dino_cfg, pl_module.model.identifier, FIELD)
 
     def _load_concepts(self, trainer, pl_module) -> list[HeldOutConcept]:
-        dm = trainer.datamodule
+        size = pl_module.model.image_encoder.image_size[0]
         if self.shards:
             urls = resolve_shards(self.shards, f"{FIELD}.shards")
-        elif getattr(dm, "val_urls", None):
-            urls = dm.val_urls
-        else:
-            raise ConfigError(f"{FIELD}.shards: not set and the DataModule has no validation shards")
-        fill = getattr(dm, "augment", ReferenceAugment()).fill
-        size = pl_module.model.image_encoder.image_size[0]
-
-        groups: dict[str, list[dict]] = {}
-        # Every rank reads the same concepts (no node splitting); shards are read in order and only as far
-        # as needed.
-        for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                  empty_check=False, handler=wds.warn_and_continue):
-            try:
-                s = decode_sample(raw)
-            except BadSample:
-                continue  # the DataModule already warns about these
-            groups.setdefault(str(s["meta"].get("concept", s["__key__"])), []).append(s)
-            first = list(groups.values())[:self.num_concepts]
-            if len(first) == self.num_concepts and all(len(g) >= self.references for g in first):
-                break
-        if len(groups) < self.num_concepts:
-            raise ConfigError(f"{FIELD}.concepts: {self.num_concepts} asked, the shards hold {len(groups)}")
-
-        concepts = []
-        for name, samples in list(groups.items())[:self.num_concepts]:
-            samples = samples[:self.references]
-            refs = prepare_references([s["image"] for s in samples], [s["mask"] for s in samples], size=size,
-                                      fill=fill, field=f"{FIELD}.shards")
-            concepts.append(HeldOutConcept(name, samples[0]["meta"]["class"], refs,
-                                           torch.stack([_chw(s["image"]) for s in samples])))
-        return concepts
+            return read_held_out_concepts(urls, self.num_concepts, self.references, size, field=f"{FIELD}.shards")
+        return trainer.datamodule.held_out_concepts(self.num_concepts, self.references, size)
 
     # --- every validation -----------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer, pl_module):

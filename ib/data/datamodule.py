@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
 from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
+from ib.data.concepts import HeldOutConcept, read_held_out_concepts
 from ib.data.references import reference_crop
 from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
 from ib.distributed import gather_from_ranks
@@ -209,6 +210,12 @@ class InstantBoothDataModule(L.LightningDataModule):
             return None
         mine = saved[rank]
         return {int(w): tuple(p) for w, p in mine["workers"].items()} if mine["epoch"] == epoch else None
+
+    def held_out_concepts(self, count: int, per_concept: int, size: int) -> list[HeldOutConcept]:
+        """The first validation concepts with references at `size` (IdentityEval's; ib.data.concepts)."""
+        if not self.val_urls:
+            raise ConfigError("data.val_shards: not set; held-out concepts come from the validation shards")
+        return read_held_out_concepts(self.val_urls, count, per_concept, size, self.augment.fill)
 
     def train_dataloader(self):
         workers = self.loader.num_workers
