@@ -1,6 +1,6 @@
 """Loader benchmark: samples/s per CPU core for decode + mask crop + augment at 512 px on real photos.
 
-    make bench-data        # or: python bench/bench_data.py [--photos ../shared/dreambench] [--repeats 5]
+    make bench-data        # or: python bench/bench_data.py [--photos data/dreambench] [--repeats 5]
 
 The DreamBench photos (captioned "a photo of a {class}") go through the shard builder with GrabCut masks;
 the shards are then read back and every stage of the training transform is timed in one process with one
@@ -86,7 +86,8 @@ def loader_sweep(shards: Path, a, batches: int) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--photos", type=Path, default=ROOT.parent / "shared" / "dreambench")
+    p.add_argument("--photos", type=Path, default=ROOT / "data" / "dreambench",
+                   help="the DreamBench photos (one folder per subject)")
     p.add_argument("--image-size", type=int, default=512)
     p.add_argument("--reference-size", type=int, default=224, help="the CLIP image encoder's input")
     p.add_argument("--batch-size", type=int, default=16)

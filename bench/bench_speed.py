@@ -498,7 +498,7 @@ def variants(a) -> list[tuple[str, SpeedConfig, bool]]:
     out += [(name, SpeedConfig(**change), name == "precomputed_latents") for name, change in SWITCHES.items()]
     rec = recommended(a.device)
     if rec.compile_blocks:  # the set without its compile: the compile's own share, and what is left if
-        # Inductor fails on a block (as it did on the whole UNet in ../shared/bench/anchor_adapters.py)
+        # Inductor fails on a block (as it did on a whole adapter-carrying SD 1.5 UNet in training)
         out.append(("recommended_eager", dataclasses.replace(rec, compile_blocks=False), False))
     return out + [("recommended", rec, False)]
 

@@ -15,7 +15,8 @@ Modes:
   autocast_bf16_weights  frozen weights bf16, adapters fp32, under CUDA autocast (`frozen_dtype: bfloat16`)
   native_bf16            everything bf16, no autocast (`native_frozen_compute`; the adapters' fp32 master
                          weights add one bf16 copy of the weights per step, not counted here)
-  anchor                 ../shared/bench/anchor_adapters.py's model (pure bf16), for calibration
+  anchor                 a plain-diffusers adapter baseline (pure bf16) from the Python file --anchor (defining
+                         `Adapter(dim, context_dim, heads)` and `Pass`), for calibration; skipped without it
 
 The meta device has no autocast, so CUDA autocast's policy is emulated above autograd (as autocast sits):
 matmul/conv/linear/attention inputs cast to bf16; layer_norm, group_norm, softmax, exp, pow, sum, mse_loss
@@ -27,6 +28,7 @@ Usage: python bench/estimate_step.py [--batch 32] [--scale sd15|tiny] [--refs 1]
 """
 import argparse
 import datetime
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -110,6 +112,9 @@ class BytesMoved(TorchDispatchMode):
         return out
 
 
+ANCHOR_FILE: Path | None = None  # set from --anchor
+
+
 def unet_with_adapters(scale: str, mode: str):
     """The scale's UNet with InstantBooth's adapters (or the anchor's), on the meta device."""
     from diffusers import UNet2DConditionModel
@@ -118,8 +123,9 @@ def unet_with_adapters(scale: str, mode: str):
         unet = UNet2DConditionModel(**cfg)
         unet.requires_grad_(False)
         if mode == "anchor":
-            sys.path.insert(0, str(ROOT.parent / "shared" / "bench"))
-            from anchor_adapters import Adapter, Pass
+            sys.path.insert(0, str(ANCHOR_FILE.parent))
+            anchor = importlib.import_module(ANCHOR_FILE.stem)
+            Adapter, Pass = anchor.Adapter, anchor.Pass
             from diffusers.models.attention import BasicTransformerBlock
             for m in unet.modules():
                 if isinstance(m, BasicTransformerBlock):
@@ -235,8 +241,11 @@ def main(argv=None):
     ap.add_argument("--peak-flops", type=float, default=790e12, help="FLOP/s for the floors (H200 dense bf16)")
     ap.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--anchor", type=Path, help="the anchor mode's model file (see Modes); without it, no anchor")
     a = ap.parse_args(argv)
-    modes = [m for m in a.modes if m != "anchor" or (ROOT.parent / "shared" / "bench" / "anchor_adapters.py").is_file()]
+    global ANCHOR_FILE
+    ANCHOR_FILE = a.anchor
+    modes = [m for m in a.modes if m != "anchor" or (a.anchor is not None and a.anchor.is_file())]
     train = [estimate_train(a.scale, m, a.batch, a.train_refs * a.tokens_per_ref) for m in modes]
     # The sampler never runs fp32 weights under autocast (fp32 frozen parts sample in plain fp32/TF32).
     settings = [tuple(int(v) for v in x.split("x")) for x in a.sample_settings]
