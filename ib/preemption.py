@@ -4,8 +4,9 @@ Why not Lightning's own handlers: its SIGTERM flag is per process and each rank 
 the end of a step, so under DDP a rank that saw the signal a moment later starts the next step and waits
 forever for the others (Lightning-AI/pytorch-lightning#20806); its SLURM handler (SIGUSR1) checkpoints
 *inside* the signal handler, mid-step and with collectives, and writes hpc_ckpt_N.ckpt, which
-`--ckpt_path last` does not read. Here a handler only sets a flag; RunCheckpoint asks after every training
-step whether any rank has one (one tiny all-reduce under DDP), and then every rank stops at the same step.
+`--ckpt_path last` does not read. Here a handler only sets a flag; ib.callbacks.preemption.Preemption asks
+after every training step whether any rank has one (one tiny all-reduce under DDP), and then every rank
+stops at the same step.
 """
 import logging
 import os

@@ -18,7 +18,8 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shards
 from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
@@ -29,6 +30,7 @@ from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
 from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
 from ib.identifier import insert_identifier
+from ib.threads import available_cpus, set_compute_threads
 
 @dataclass
 class LoaderConfig:
@@ -152,6 +154,16 @@ class InstantBoothDataModule(L.LightningDataModule):
         self._val_samples: int | None = None
         self._delivered: dict = {"epoch": 0, "workers": {}}  # this rank's stream: {worker: (batches, samples)}
         self._resume: list[dict] | None = None  # every rank's, from a checkpoint
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            # Training's DataLoader workers share the rank's CPUs with its compute (ib/threads.py).
+            workers = self.loader.num_workers if stage == "fit" else 0
+            on_cpu = isinstance(self.trainer.accelerator, CPUAccelerator)
+            n = set_compute_threads(self.trainer.num_devices, workers, on_cpu)
+            if n is not None:
+                rank_zero_info(f"torch threads per rank: {n} ({available_cpus()} CPUs, {self.trainer.num_devices} "
+                               f"rank(s) here, {workers} DataLoader worker(s) each); OMP_NUM_THREADS overrides")
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is not None:
