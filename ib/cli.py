@@ -9,29 +9,42 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import yaml  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from ib.callbacks.identity_eval import IdentityEval  # noqa: E402
 from ib.checkpoint_io import check_checkpoint_file  # noqa: E402
 from ib.config_checks import check_config, parse_dict_scalars  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
 from ib.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from ib.lit_module import InstantBoothModule  # noqa: E402
+from ib.run_cli import RunCLI  # noqa: E402
 
 
-class InstantBoothCLI(LightningCLI):
+class InstantBoothCLI(RunCLI):
     def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("model.identifier", "data.identifier")
+        # Its own key rather than an entry of trainer.callbacks, so that an overlay can turn it off (null).
+        parser.add_argument("--identity_eval", type=Optional[IdentityEval], default=None,
+                            help="identity metrics at every validation (ib.callbacks.identity_eval); null: off")
 
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         parse_dict_scalars(cfg)  # in place: the classes are built from this namespace
         check_config(cfg)
+        super().before_instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if cfg.get("identity_eval") is not None:
+            kwargs["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), cfg["identity_eval"]]
+        return super().instantiate_trainer(**kwargs)
 
 
 def _one_line(e: BaseException) -> str:
