@@ -104,6 +104,18 @@ def check_config_files(argv: list[str]) -> None:
 # Commands beside LightningCLI's fit/validate: name -> module with main(argv).
 COMMANDS = {"generate": "ib.generate", "export": "ib.export", "evaluate": "ib.evaluate",
             "toy-base": "ib.toy.cli"}
+# Every command, one line each: `ib`, `ib --help`. `ib COMMAND --help` has the options.
+USAGE = """usage: ib COMMAND [options]   (ib COMMAND --help: its options)
+
+commands:
+  fit        train: --config conf/NAME.yaml [--trainer.default_root_dir runs/NAME] [--ckpt_path last]
+  validate   validation loss, image grid and identity metrics of a checkpoint (--ckpt_path FILE)
+  generate   images of a new subject from reference photos and a prompt (no fine-tuning)
+  export     a checkpoint's trained weights + model config as one safetensors file
+  evaluate   CLIP-I, CLIP-T, DINO on DreamBench-layout data
+  toy-base   train the tiny base text-to-image model of the synthetic-world experiment
+"""
+FIT_COMMANDS = ("fit", "validate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] not in (*FIT_COMMANDS, *COMMANDS) and not args[0].startswith("-"):  # options: LightningCLI's
+        print(f"ib: error: unknown command '{args[0]}'; commands: {', '.join((*FIT_COMMANDS, *COMMANDS))} "
+              "(ib --help)", file=sys.stderr)
+        return 2
     try:
-        if args and args[0] in COMMANDS:
+        if args[0] in COMMANDS:
             return importlib.import_module(COMMANDS[args[0]]).main(args[1:])
         check_config_files(args)
         check_ckpt_path(args)
