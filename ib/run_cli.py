@@ -7,8 +7,8 @@ each run config, and one run folder per run.
 - trainer.default_root_dir names the run folder; the TensorBoard logger and the checkpoint folder are linked
   to it, so a run is named once (`--trainer.default_root_dir runs/NAME`).
 - `fit` keeps runs apart: a folder that holds a run is resumed only with --ckpt_path and only by the same
-  run (RUN_IDENTITY: the same data and model); anything else is refused in one line before anything is
-  written. What may change on resume: the step budget, learning rates, batch size, loaders, validation.
+  run (RUN_IDENTITY: the same data, base model and identifier); anything else is refused in one line before
+  anything is written. What may change on resume: step budget, learning rates, batch size, loaders, validation.
 """
 import json
 from pathlib import Path
@@ -21,8 +21,11 @@ from ib.errors import ConfigError
 
 SHARED_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "trainer" / "default.yaml"
 CONFIG_FILE = "config.yaml"
-# What makes two runs the same run: a resume must not change these (a missing key counts as null).
-RUN_IDENTITY = ("data.train_shards", "data.val_shards", "model.ldm", "model.image_encoder", "model.identifier")
+# What makes two runs the same run, a resume must not change: the data, the frozen base and image encoder it
+# trains on, the identifier (a missing key counts as null). A changed architecture is refused by the weights
+# check when last.ckpt loads (ib.checkpoint_io).
+RUN_IDENTITY = ("data.train_shards", "data.val_shards", "model.ldm.pretrained", "model.image_encoder.model_name",
+                "model.image_encoder.pretrained", "model.identifier")
 
 
 class SaveRunConfig(SaveConfigCallback):
