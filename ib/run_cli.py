@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from ib.atomic_write import atomic_path
 from ib.callbacks.checkpoint import RunCheckpoint
 from ib.errors import ConfigError
 
@@ -36,9 +37,8 @@ class SaveRunConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage) -> None:
         if stage == "fit" and trainer.is_global_zero:
-            path = Path(trainer.default_root_dir) / self.config_filename
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+            with atomic_path(Path(trainer.default_root_dir) / self.config_filename) as tmp:  # whole or not at all
+                self.parser.save(self.config, tmp, skip_none=False, overwrite=True, multifile=False)
 
 
 def _get(tree: dict, dotted: str):
