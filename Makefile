@@ -5,8 +5,11 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 CONFIG   ?= conf/default.yaml
 ARGS     ?=
-DATA     ?= data/synthetic
-RUN      ?= runs/default
+# RUN: the run folder (e.g. runs/mine); empty: CONFIG's trainer.default_root_dir.
+# DATA: a folder of shards with train/ and val/ (data_tools.build_shards); empty: CONFIG's data.
+RUN      ?=
+DATA     ?=
+SYNTHETIC := data/synthetic
 
 # No machine of this project reaches a model hub; fail fast instead of retrying for a minute.
 export HF_HUB_OFFLINE ?= 1
@@ -26,13 +29,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Synthetic object world shards (skipped when already there).
+# Synthetic object world shards, the embedded default's data (skipped when already there).
 data: $(STAMP)
-	$(BIN)/python -m data_tools.synthetic_world --output $(DATA)
+	$(BIN)/python -m data_tools.synthetic_world --output $(SYNTHETIC)
 
-# Trains with CONFIG; resumes from $(RUN)/checkpoints/last.ckpt when present.
-train: data
-	$(BIN)/ib fit --config $(CONFIG) --ckpt_path last $(ARGS)
+# Trains CONFIG into the run folder RUN on the shards in DATA (the synthetic world when DATA is empty);
+# resumes from RUN/checkpoints/last.ckpt when that run is there (ib refuses a folder of another run).
+train: $(if $(DATA),$(STAMP),data)
+	$(BIN)/ib fit --config $(CONFIG) $(if $(RUN),--trainer.default_root_dir $(RUN)) \
+	  $(if $(DATA),--data.train_shards $(DATA)/train --data.val_shards $(DATA)/val) --ckpt_path last $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
@@ -59,7 +64,7 @@ bench-data: $(STAMP)
 	$(BIN)/python bench/bench_data.py
 
 tensorboard: $(STAMP)
-	$(BIN)/tensorboard --logdir runs --bind_all
+	$(BIN)/tensorboard --logdir $(or $(RUN),runs) --bind_all
 
 clean:
 	rm -rf runs data

@@ -9,31 +9,44 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import yaml  # noqa: E402
 from jsonargparse import ArgumentError  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from ib.callbacks.identity_eval import IdentityEval  # noqa: E402
 from ib.checkpoint_io import check_checkpoint_file  # noqa: E402
 from ib.config_checks import check_config, parse_dict_scalars  # noqa: E402
 from ib.data.datamodule import InstantBoothDataModule  # noqa: E402
 from ib.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from ib.lit_module import InstantBoothModule  # noqa: E402
+from ib.run_cli import RunCLI  # noqa: E402
 
 
-class InstantBoothCLI(LightningCLI):
+class InstantBoothCLI(RunCLI):
     def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("model.identifier", "data.identifier")
         # One source for the reference size: the image encoder's input size.
         parser.link_arguments("model.reference_size", "data.reference_size", apply_on="instantiate")
+        # Its own key rather than an entry of trainer.callbacks, so that an overlay can turn it off (null).
+        parser.add_argument("--identity_eval", type=Optional[IdentityEval], default=None,
+                            help="identity metrics at every validation (ib.callbacks.identity_eval); null: off")
 
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         parse_dict_scalars(cfg)  # in place: the classes are built from this namespace
         check_config(cfg)
+        super().before_instantiate_classes()
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if cfg.get("identity_eval") is not None:
+            kwargs["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), cfg["identity_eval"]]
+        return super().instantiate_trainer(**kwargs)
 
 
 def _one_line(e: BaseException) -> str:
@@ -93,6 +106,18 @@ def check_config_files(argv: list[str]) -> None:
 # Commands beside LightningCLI's fit/validate: name -> module with main(argv).
 COMMANDS = {"generate": "ib.generate", "export": "ib.export", "evaluate": "ib.evaluate",
             "toy-base": "ib.toy.cli"}
+# Every command, one line each: `ib`, `ib --help`. `ib COMMAND --help` has the options.
+USAGE = """usage: ib COMMAND [options]   (ib COMMAND --help: its options)
+
+commands:
+  fit        train: --config conf/NAME.yaml [--trainer.default_root_dir runs/NAME] [--ckpt_path last]
+  validate   validation loss, image grid and identity metrics of a checkpoint (--ckpt_path FILE)
+  generate   images of a new subject from reference photos and a prompt (no fine-tuning)
+  export     a checkpoint's trained weights + model config as one safetensors file
+  evaluate   CLIP-I, CLIP-T, DINO on DreamBench-layout data
+  toy-base   train the tiny base text-to-image model of the synthetic-world experiment
+"""
+FIT_COMMANDS = ("fit", "validate")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    if args[0] not in (*FIT_COMMANDS, *COMMANDS) and not args[0].startswith("-"):  # options: LightningCLI's
+        print(f"ib: error: unknown command '{args[0]}'; commands: {', '.join((*FIT_COMMANDS, *COMMANDS))} "
+              "(ib --help)", file=sys.stderr)
+        return 2
     try:
-        if args and args[0] in COMMANDS:
+        if args[0] in COMMANDS:
             return importlib.import_module(COMMANDS[args[0]]).main(args[1:])
         check_config_files(args)
         check_ckpt_path(args)

@@ -56,11 +56,9 @@ def run_config(tmp_path: Path, shards: Path, **trainer_overrides) -> Path:
     cfg = copy.deepcopy(default_config())
     run = tmp_path / "run"
     t = cfg["trainer"]
+    # The run folder names the logger's and the checkpoints' folders too (ib/run_cli.py).
     t.update(default_root_dir=str(run), max_steps=4, val_check_interval=2, limit_val_batches=1)
-    t["logger"]["init_args"]["save_dir"] = str(run)
-    for cb in t["callbacks"]:
-        if cb["class_path"].endswith("RunCheckpoint"):
-            cb["init_args"].update(dirpath=str(run / "checkpoints"), every_n_train_steps=2)
+    cfg["checkpoint"]["every_n_train_steps"] = 2
     t.update(trainer_overrides)
     cfg["model"]["sampling"]["steps"] = 2
     cfg["data"].update(train_shards=str(shards / "train"), val_shards=str(shards / "val"), batch_size=2,
@@ -74,8 +72,8 @@ def run_config(tmp_path: Path, shards: Path, **trainer_overrides) -> Path:
 def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = (), checkpoint: dict | None = None,
                 out: Path | None = None) -> Path:
     """A copy of config `path` (written to `out`, default: in place) with dotted `fields` set
-    ("model.optim.lr_heads": 5), extra trainer `callbacks` ({"class_path": ..., "init_args": ...}) and
-    RunCheckpoint `checkpoint` init_args updated."""
+    ("model.optim.lr_heads": 5), extra trainer `callbacks` ({"class_path": ..., "init_args": ...}, after the
+    config's own and the shared ones) and RunCheckpoint's `checkpoint` arguments updated."""
     cfg = yaml.safe_load(path.read_text())
     for key, value in (fields or {}).items():
         *parents, leaf = key.split(".")
@@ -83,10 +81,8 @@ def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = 
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"] + list(callbacks)
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("RunCheckpoint"):
-            cb["init_args"].update(checkpoint or {})
+    cfg["trainer"]["callbacks+"] = cfg["trainer"].get("callbacks+", []) + list(callbacks)
+    cfg.setdefault("checkpoint", {}).update(checkpoint or {})
     out = out or path
     out.write_text(yaml.safe_dump(cfg))
     return out

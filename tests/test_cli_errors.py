@@ -244,3 +244,28 @@ def test_evaluate_out_is_a_file(tmp_path, weights, capsys):
                                  str(tmp_path / "o"), "--backbones", backbones, *flags])
         assert msg.startswith(f"ib: error: {flag}"), msg
     assert not (tmp_path / "o").exists()
+
+
+# --- the command list ------------------------------------------------------------------------------------------
+
+def _commands_listed(text: str) -> list[str]:
+    return [line.split()[0] for line in text.split("commands:", 1)[1].splitlines() if line.strip()]
+
+
+def test_help_and_no_command_list_every_command(capsys):
+    from ib.cli import COMMANDS, FIT_COMMANDS
+
+    every = [*FIT_COMMANDS, *COMMANDS]
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert _commands_listed(out) == every
+    assert main([]) == 2  # no command: the same list, on stderr
+    assert _commands_listed(capsys.readouterr().err) == every
+
+
+@pytest.mark.parametrize("command", ["bogus", "test", "predict"])
+def test_unknown_command_is_one_line_naming_the_commands(capsys, command):
+    assert main([command, "--config", "conf/default.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ib: error: unknown command '{command}'; commands: fit, validate, generate, export, evaluate, "
+                   "toy-base (ib --help)"]

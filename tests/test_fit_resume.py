@@ -109,9 +109,7 @@ def test_resume_cleans_stale_temp_files_and_keeps_one_last_ckpt_after_a_move(tmp
     assert main(["fit", "--config", str(config)]) == 0
     moved = tmp_path / "moved"
     (tmp_path / "run").rename(moved)
-    config = edit_config(config, fields={"trainer.default_root_dir": str(moved),
-                                         "trainer.logger.init_args.save_dir": str(moved)},
-                         checkpoint={"dirpath": str(moved / "checkpoints")})
+    config = edit_config(config, fields={"trainer.default_root_dir": str(moved)})
     stale = moved / "checkpoints" / ".last.ckpt.k1ll3d.tmp"  # the name SafeCheckpointIO's temp files get
     stale.write_bytes((moved / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     assert main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"]) == 0

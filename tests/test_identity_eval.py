@@ -38,9 +38,7 @@ def _run_group(cmd, timeout=300) -> tuple[int, str]:
 def _identity_config(tmp_path, shards, **init_args):
     path = run_config(tmp_path, shards)
     cfg = yaml.safe_load(path.read_text())
-    for cb in cfg["trainer"]["callbacks"]:
-        if cb["class_path"].endswith("IdentityEval"):
-            cb["init_args"].update(init_args)
+    cfg["identity_eval"]["init_args"].update(init_args)
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -101,7 +99,6 @@ def test_missing_backbone_files_fail_at_config_time(tmp_path, synthetic_shards, 
 
 def test_default_config_uses_the_tiny_backbones_of_conf_metrics():
     """`ib evaluate --backbones conf/metrics/tiny.yaml` must score like the embedded default's validation."""
-    callbacks = default_config()["trainer"]["callbacks"]
-    init = next(cb["init_args"] for cb in callbacks if cb["class_path"].endswith("IdentityEval"))
+    init = default_config()["identity_eval"]["init_args"]
     tiny = yaml.safe_load((ROOT / "conf" / "metrics" / "tiny.yaml").read_text())
     assert {"clip": init["clip"], "dino": init["dino"]} == tiny

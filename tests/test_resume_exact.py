@@ -27,13 +27,13 @@ def _config(tmp_path, shards, name: str, **fields):
     config = run_config(tmp_path, shards, max_steps=100_000, val_check_interval=3)
     out = tmp_path / f"{name}.yaml"
     return edit_config(config, out=out, fields={
-        "trainer.default_root_dir": str(run), "trainer.logger.init_args.save_dir": str(run),
+        "trainer.default_root_dir": str(run),
         "data.loader.num_workers": 2, "data.batches_per_epoch": 4,  # epochs end inside the runs below
         "data.loader.shuffle_buffer": 6, **fields,
     }, callbacks=[{"class_path": "tests.helpers.KeyRecorder", "init_args": {"path": str(run / "keys.rank")}},
                   {"class_path": "tests.helpers.StepMarker", "init_args": {"path": str(run / "step.txt")}},
                   {"class_path": "tests.helpers.WeightsEveryStep", "init_args": {"out_dir": str(run / "weights")}}],
-        checkpoint={"dirpath": str(run / "checkpoints"), "every_n_train_steps": 1000}), run
+        checkpoint={"every_n_train_steps": 1000}), run
 
 
 def _fit(config, *args, env=None) -> subprocess.CompletedProcess:

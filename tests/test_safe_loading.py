@@ -278,7 +278,7 @@ def test_shipped_configs_are_inside_the_allow_lists(conf):
     if "image_encoder" in m:
         ImageEncoderConfig(**m["image_encoder"]).check()
     tiny = yaml.safe_load((ROOT / "conf" / "metrics" / "tiny.yaml").read_text())
-    for cfg in (default_config()["trainer"]["callbacks"][-1]["init_args"], tiny):
+    for cfg in (default_config()["identity_eval"]["init_args"], tiny):
         ImageEncoderConfig(cfg["clip"]["model_name"], cfg["clip"]["pretrained"], cfg["clip"]["overrides"]).check("clip")
         DinoBackboneConfig(**cfg["dino"]).check("dino")
 

@@ -1,4 +1,6 @@
 """Full Stable Diffusion 1.5 + ViT-L/14 architecture with random weights, on CPU."""
+import signal
+
 import pytest
 import torch
 import yaml
@@ -47,26 +49,32 @@ def test_sd15_architecture_with_adapters():
 
 def test_sd15_configs_parse_into_a_trainer_with_the_reliability_parts_and_metrics(synthetic_shards):
     """conf/sd15.yaml alone and with conf/random_weights.yaml go through the real CLI into a Trainer: atomic
-    checkpoints, RNG state, the SLURM requeue signal and, with real weights, the identity metrics; the overlay
-    keeps every callback but the metrics (its towers would need weights)."""
+    checkpoints, RNG state, the SLURM requeue signal (from the shared conf/trainer/default.yaml) and, with real
+    weights, the identity metrics; the overlay keeps every callback but the metrics (its towers would need
+    weights)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from ib.callbacks.checkpoint import RunCheckpoint
     from ib.callbacks.identity_eval import IdentityEval
+    from ib.callbacks.image_logger import ImageLogger
     from ib.callbacks.rng_state import RNGState
     from ib.checkpoint_io import SafeCheckpointIO
     from ib.cli import InstantBoothCLI
     from ib.data.datamodule import InstantBoothDataModule
     from ib.lit_module import InstantBoothModule
 
-    sd15 = yaml.safe_load((ROOT / "conf" / "sd15.yaml").read_text())["trainer"]
-    overlay = yaml.safe_load((ROOT / "conf" / "random_weights.yaml").read_text())["trainer"]
-    assert overlay["callbacks"] == [c for c in sd15["callbacks"] if not c["class_path"].endswith("IdentityEval")]
-    metrics = next(c["init_args"] for c in sd15["callbacks"] if c["class_path"].endswith("IdentityEval"))
+    sd15 = yaml.safe_load((ROOT / "conf" / "sd15.yaml").read_text())
+    metrics = sd15["identity_eval"]["init_args"]
     assert metrics["clip"]["pretrained"] == "openai" and metrics["dino"]["weights"].endswith("dino_deitsmall16_pretrain.pth")
+    assert yaml.safe_load((ROOT / "conf" / "random_weights.yaml").read_text())["identity_eval"] is None
 
     cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False, save_config_callback=None,
                           args=["--config", str(ROOT / "conf" / "sd15.yaml"), "--config", str(ROOT / "conf" / "random_weights.yaml"),
                                 "--trainer.accelerator", "cpu", "--data.train_shards", str(synthetic_shards / "train"),
                                 "--data.val_shards", str(synthetic_shards / "val")])
     kinds = {type(c) for c in cli.trainer.callbacks}
-    assert RNGState in kinds and IdentityEval not in kinds
+    assert {RNGState, LearningRateMonitor, ImageLogger, RunCheckpoint} <= kinds and IdentityEval not in kinds
+    checkpoint = cli.trainer.checkpoint_callback
+    assert checkpoint.signals.requeue_signum == signal.SIGUSR1 and cli.config.checkpoint.every_n_train_steps == 5000
     assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
     assert cli.model.speed.native_frozen_compute is True

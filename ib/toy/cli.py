@@ -1,13 +1,12 @@
 """`ib toy-base --config conf/toy_base.yaml [--ckpt_path last]`: LightningCLI fit of the toy base model."""
-from lightning.pytorch.cli import LightningCLI
-
 from ib.data.datamodule import InstantBoothDataModule
+from ib.run_cli import RunCLI
 from ib.toy.base_module import ToyBaseModule
 
 
 def main(argv: list[str]) -> int:
-    cli = LightningCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv],
-                       save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
+    cli = RunCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv],
+                 save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     if cli.trainer.is_global_zero:
         cli.model.save_base()
     return 0
