@@ -44,7 +44,9 @@ def test_every_run_config_gets_the_shared_trainer_layer(configs, cli):
     assert [p.class_path for p in t.plugins] == ["ib.checkpoint_io.SafeCheckpointIO"]
     assert {"ib.callbacks.rng_state.RNGState", "lightning.pytorch.callbacks.LearningRateMonitor"} <= \
         {c.class_path for c in t.callbacks}
-    assert cfg.checkpoint.requeue_signal == "SIGUSR1" and cfg.checkpoint.save_last
+    preemption = [c for c in t.callbacks if c.class_path == "ib.callbacks.preemption.Preemption"]
+    assert len(preemption) == 1 and preemption[0].init_args.requeue_signal == "SIGUSR1" and cfg.checkpoint.save_last
+    assert "ib.callbacks.progress.TrainProgress" in {c.class_path for c in t.callbacks}
     assert t.logger.init_args.save_dir == t.default_root_dir
     assert cfg.checkpoint.dirpath == str(Path(t.default_root_dir) / "checkpoints")
     assert t.default_root_dir == f"runs/{configs[0].removesuffix('.yaml')}"
