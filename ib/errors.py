@@ -19,3 +19,9 @@ class StorageError(ConfigError):
 
 class NonFiniteLossError(RuntimeError):
     """Training stopped by the NaN / inf guard (ib.nonfinite) after a checkpoint of the last good state. Exit 1."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line: its first non-empty line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__

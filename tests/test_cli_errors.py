@@ -101,7 +101,7 @@ def test_image_size_checked_against_a_pretrained_folders_vae(tmp_path, synthetic
 def test_dict_fields_on_the_command_line_are_yaml_scalars(tmp_path, synthetic_shards):
     """`--model.ldm.scheduler.beta_end 0.02` is the float 0.02 (jsonargparse hands plain-dict values over as
     strings), and the model is built with it."""
-    from ib.cli import InstantBoothCLI
+    from ib.fit_cli import InstantBoothCLI
     from ib.data.datamodule import InstantBoothDataModule
     from ib.lit_module import InstantBoothModule
 
@@ -269,3 +269,12 @@ def test_unknown_command_is_one_line_naming_the_commands(capsys, command):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"ib: error: unknown command '{command}'; commands: fit, validate, generate, export, evaluate, "
                    "toy-base (ib --help)"]
+
+
+def test_help_imports_no_framework():
+    """`ib --help` answers from the command list alone: no torch, Lightning or diffusers import (those take
+    seconds of CPU, minutes on a loaded machine)."""
+    code = ("import sys; from ib.cli import main; code = main(['--help']); "
+            "print(code, sorted(m for m in ('torch', 'lightning', 'diffusers', 'open_clip') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip().splitlines()[-1] == "0 []", r.stdout + r.stderr

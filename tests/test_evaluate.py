@@ -96,7 +96,7 @@ def test_missing_backbone_files_one_line_error(weights, tmp_path, capsys):
 def test_loaded_tiny_model_is_the_trained_one(tmp_path, synthetic_shards):
     """The embedded default's frozen parts are random and not in the file: loading must rebuild the very
     ones the run trained with, or `ib evaluate` would score another model."""
-    from ib.cli import InstantBoothCLI
+    from ib.fit_cli import InstantBoothCLI
     from ib.data.datamodule import InstantBoothDataModule
     from ib.lit_module import InstantBoothModule
 

@@ -8,7 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from ib.cli import InstantBoothCLI, main
+from ib.cli import main
+from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
 from tests.conftest import ROOT, edit_config, run_config, subprocess_env

@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from ib.cli import InstantBoothCLI, main
+from ib.cli import main
+from ib.fit_cli import InstantBoothCLI
 from tests.conftest import edit_config, run_config
 from tests.helpers import trainable_state
 

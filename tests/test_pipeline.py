@@ -263,7 +263,7 @@ def test_a_tampered_pipeline_folder_is_refused_without_importing_what_it_names(m
 
 def test_the_reference_size_has_one_source_the_image_encoder(tmp_path, synthetic_shards):
     """The DataModule crops references to the encoder's input size; the config cannot set another one."""
-    from ib.cli import InstantBoothCLI
+    from ib.fit_cli import InstantBoothCLI
     from ib.data.datamodule import InstantBoothDataModule
     from ib.lit_module import InstantBoothModule
     vision = {"image_size": 32, "patch_size": 16, "width": 64, "layers": 2, "head_width": 32}

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ib.callbacks.rng_state import collect_rng_state
-from ib.cli import InstantBoothCLI, main
+from ib.cli import main
+from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
 from tests.conftest import edit_config, run_config, start_fit, wait_for_step

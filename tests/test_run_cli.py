@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ib.cli import InstantBoothCLI, main
+from ib.cli import main
+from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
 from ib.run_cli import RunCLI

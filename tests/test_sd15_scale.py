@@ -59,7 +59,7 @@ def test_sd15_configs_parse_into_a_trainer_with_the_reliability_parts_and_metric
     from ib.callbacks.image_logger import ImageLogger
     from ib.callbacks.rng_state import RNGState
     from ib.checkpoint_io import SafeCheckpointIO
-    from ib.cli import InstantBoothCLI
+    from ib.fit_cli import InstantBoothCLI
     from ib.data.datamodule import InstantBoothDataModule
     from ib.lit_module import InstantBoothModule
 

@@ -3,7 +3,7 @@ import lightning as L
 import pytest
 import torch
 
-from ib.cli import InstantBoothCLI
+from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
 from ib.threads import available_cpus, compute_threads
