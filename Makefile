@@ -49,9 +49,9 @@ test-fast: $(STAMP)
 # Each stage resumes from its last checkpoint, so an interrupted run continues where it stopped.
 experiment: $(STAMP)
 	$(BIN)/python -m data_tools.synthetic_world --output data/toyworld --concepts 240 --val-concepts 24 --images-per-concept 8 --size 32
-	$(BIN)/ib toy-base --config conf/toy_base.yaml --ckpt_path last
+	$(BIN)/python -m experiments.toy.cli --config conf/toy_base.yaml --ckpt_path last
 	$(BIN)/ib fit --config conf/toy_instantbooth.yaml --ckpt_path last
-	$(BIN)/python -m ib.toy.experiment --weights runs/toy_instantbooth/checkpoints/last.ckpt --data data/toyworld/val --out runs/experiment
+	$(BIN)/python -m experiments.toy.experiment --weights runs/toy_instantbooth/checkpoints/last.ckpt --data data/toyworld/val --out runs/experiment
 
 # Speed benchmark (random weights): tiny scale on CPU, SD 1.5 scale on a GPU; JSON into bench/results/.
 #   make bench                                  # CPU, tiny

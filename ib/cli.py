@@ -1,4 +1,4 @@
-"""`ib COMMAND`: fit|validate (LightningCLI, ib/fit_cli.py) and generate|export|evaluate|toy-base.
+"""`ib COMMAND`: fit|validate (LightningCLI, ib/fit_cli.py) and generate|export|evaluate.
 
 Exit codes: 0 done; 2 bad input (one line on stderr naming the field or file, nothing written); 1 stopped
 by the NaN guard; 143 (128 + SIGTERM) preempted, with last.ckpt written: rerun the same command to resume.
@@ -14,8 +14,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from ib.errors import ConfigError, one_line  # noqa: E402
 
 # Commands beside LightningCLI's fit/validate: name -> module with main(argv).
-COMMANDS = {"generate": "ib.generate", "export": "ib.export", "evaluate": "ib.evaluate",
-            "toy-base": "ib.toy.cli"}
+COMMANDS = {"generate": "ib.generate", "export": "ib.export", "evaluate": "ib.evaluate"}
 # Every command, one line each: `ib`, `ib --help`. `ib COMMAND --help` has the options.
 USAGE = """usage: ib COMMAND [options]   (ib COMMAND --help: its options)
 
@@ -25,7 +24,6 @@ commands:
   generate   images of a new subject from reference photos and a prompt (no fine-tuning)
   export     a checkpoint's trained weights + model config as one safetensors file
   evaluate   CLIP-I, CLIP-T, DINO on DreamBench-layout data
-  toy-base   train the tiny base text-to-image model of the synthetic-world experiment
 """
 FIT_COMMANDS = ("fit", "validate")
 

@@ -1,4 +1,4 @@
-"""LightningCLI of every training command (`ib fit|validate`, `ib toy-base`): one shared trainer layer under
+"""LightningCLI of every training command (`ib fit|validate`, the toy base's `experiments/toy/cli.py`): one shared trainer layer under
 each run config, and one run folder per run.
 
 - conf/trainer/default.yaml is read before any --config (jsonargparse's default_config_files), so

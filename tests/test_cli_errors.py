@@ -267,8 +267,8 @@ def test_help_and_no_command_list_every_command(capsys):
 def test_unknown_command_is_one_line_naming_the_commands(capsys, command):
     assert main([command, "--config", "conf/default.yaml"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"ib: error: unknown command '{command}'; commands: fit, validate, generate, export, evaluate, "
-                   "toy-base (ib --help)"]
+    assert err == [f"ib: error: unknown command '{command}'; commands: fit, validate, generate, export, evaluate "
+                   "(ib --help)"]
 
 
 def test_help_imports_no_framework():

@@ -14,7 +14,8 @@ import yaml
 
 from data_tools.synthetic_world import build
 from ib.cli import main
-from ib.toy.experiment import main as experiment_main
+from experiments.toy.cli import main as toy_base_main
+from experiments.toy.experiment import main as experiment_main
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def reduced_experiment(tmp_path, seed=0, base_steps=BASE_STEPS, vae_steps=VAE_ST
     data = {"data.train_shards": str(world / "train"), "data.val_shards": str(world / "val"),
             "seed_everything": seed, "data.loader.seed": seed}
     base = tmp_path / "base_ldm"
-    assert main(["toy-base", "--config", _config("toy_base.yaml", tmp_path, **data, **{
+    assert toy_base_main(["--config", _config("toy_base.yaml", tmp_path, **data, **{
         "trainer.max_steps": base_steps, "model.vae_steps": vae_steps, "model.output_dir": str(base)},
         **(base_edits or {}))]) == 0
     assert main(["fit", "--config", _config("toy_instantbooth.yaml", tmp_path, **data, **{
@@ -87,7 +88,7 @@ def test_own_references_beat_shuffled_references_on_held_out_concepts(tmp_path, 
 
     # The same measurement with the references cut off the injection path (every concept's references
     # replaced by the same blank images) must fail the checks: the margins above are not met by chance.
-    from ib.toy.experiment import Experiment
+    from experiments.toy.experiment import Experiment
     ckpt = tmp_path / "toy_instantbooth" / "checkpoints" / "last.ckpt"
     exp = Experiment(str(ckpt), str(tmp_path / "world" / "val"), num_refs=3,
                      timesteps=report["settings"]["timesteps"], seed=0)

@@ -9,7 +9,7 @@ from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
 from ib.run_cli import RunCLI
-from ib.toy.base_module import ToyBaseModule
+from experiments.toy.base_module import ToyBaseModule
 from tests.conftest import ROOT, run_config
 
 

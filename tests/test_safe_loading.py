@@ -171,7 +171,7 @@ def test_fit_config_outside_the_allow_lists(tmp_path, synthetic_shards, field, v
 
 
 def test_toy_base_module_refuses_unknown_ldm_fields(tmp_path):
-    from ib.toy.base_module import ToyBaseModule
+    from experiments.toy.base_module import ToyBaseModule
     with pytest.raises(ConfigError, match=r"^model\.ldm\.unet2: not an allowed field$"):
         ToyBaseModule({"unet2": {}}, str(tmp_path / "out"))
 

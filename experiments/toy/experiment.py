@@ -6,7 +6,7 @@ On the held-out (validation) concepts of the synthetic world, at fixed timesteps
   loss_base      — adapters and concept token off, identifier removed: the frozen base alone
 each also inside the object (loss_*_object: the squared error weighted by the fraction of each latent cell the
 target's object mask covers; the references describe the object, the background is the prompt's business),
-plus identity scores (ib/toy/identity_score.py) of images generated with own vs shuffled references.
+plus identity scores (experiments/toy/identity_score.py) of images generated with own vs shuffled references.
 Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
 the shuffled reference).
 """
@@ -19,17 +19,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+import yaml
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from ib.data.shards import decode_sample, resolve_shards
+from experiments.toy.identity_score import identity_similarity
 from ib.data.references import prepare_references
+from ib.data.shards import decode_sample, resolve_shards
 from ib.data.transforms import target_transform
 from ib.identifier import insert_identifier, strip_identifier
 from ib.models.sampler import SCHEDULERS, SamplingConfig
 from ib.pipeline import InstantBoothPipeline, generate
-from ib.toy.identity_score import identity_similarity
 from ib.weights import load_model
+
+CONFIG = Path(__file__).resolve().parents[2] / "conf" / "toy_experiment.yaml"  # the measurement's settings
 
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -144,23 +147,29 @@ class Experiment:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=CONFIG)
+    known, _ = pre.parse_known_args(argv)
+    cfg = yaml.safe_load(known.config.read_text())
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], parents=[pre])
     p.add_argument("--weights", required=True)
     p.add_argument("--data", required=True, help="held-out concept shards (e.g. data/toyworld/val)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--num-refs", type=int, default=3)
-    p.add_argument("--timesteps", type=int, nargs="+", default=[100, 250, 400, 550, 700, 850])
-    p.add_argument("--sample-steps", type=int, default=20)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
-    p.add_argument("--prompts-per-concept", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-refs", type=int)
+    p.add_argument("--timesteps", type=int, nargs="+")
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--scheduler", choices=SCHEDULERS)
+    p.add_argument("--prompts-per-concept", type=int)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(**{k: v for k, v in cfg.items() if k != "identity_at"})
     a = p.parse_args(argv)
     torch.set_grad_enabled(False)
     exp = Experiment(a.weights, a.data, a.num_refs, a.timesteps, a.seed)
     losses = exp.losses()
-    trained = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, beta=1.0, alpha=1.0)
-    balanced = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, beta=0.3, alpha=0.4)
+    at = cfg["identity_at"]
+    trained = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, **at["trained"])
+    balanced = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, **at["balanced"])
     ident, grid = exp.identity(trained, a.prompts_per_concept)
     ident_bal, _ = exp.identity(balanced, a.prompts_per_concept)
     report = {
@@ -170,12 +179,12 @@ def main(argv=None) -> int:
         "loss_base_object": losses["base"]["object_mean"],
         "own_vs_shuffled_reduction_object": 1 - losses["own"]["object_mean"] / losses["shuffled"]["object_mean"],
         "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
-        "identity_balanced": {"beta": 0.3, "alpha": 0.4, **ident_bal},
+        "identity_balanced": {**at["balanced"], **ident_bal},
         "losses": losses,
         "settings": {"weights": a.weights, "data": a.data, "held_out_concepts": len(exp.concepts),
                      "samples": sum(map(len, exp.concepts.values())), "num_refs": a.num_refs,
                      "timesteps": a.timesteps, "sample_steps": a.sample_steps, "scheduler": a.scheduler, "guidance_scale": a.guidance_scale,
-                     "identity_sampling": {"beta": 1.0, "alpha": 1.0}, "seed": a.seed},
+                     "identity_sampling": at["trained"], "seed": a.seed},
     }
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "report.json").write_text(json.dumps(report, indent=1))

@@ -1,7 +1,10 @@
-"""`ib toy-base --config conf/toy_base.yaml [--ckpt_path last]`: LightningCLI fit of the toy base model."""
+"""`python -m experiments.toy.cli --config conf/toy_base.yaml [--ckpt_path last]`: LightningCLI fit of the toy
+base model (the synthetic-world experiment's tiny text-to-image LDM)."""
+import sys
+
 from ib.data.datamodule import InstantBoothDataModule
 from ib.run_cli import RunCLI
-from ib.toy.base_module import ToyBaseModule
+from experiments.toy.base_module import ToyBaseModule
 
 
 def main(argv: list[str]) -> int:
@@ -10,3 +13,7 @@ def main(argv: list[str]) -> int:
     if cli.trainer.is_global_zero:
         cli.model.save_base()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
