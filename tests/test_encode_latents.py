@@ -88,7 +88,8 @@ def test_datamodule_pairs_flip_with_moments_and_training_skips_the_vae(tmp_path,
     monkeypatch.setattr(InstantBoothModule, "training_step", probed_step)
     monkeypatch.setattr(AutoencoderKL, "encode", lambda self, *a, **k: calls.append(bool(in_step)) or encode(self, *a, **k))
     fit = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "2"]  # after --config: they override it
-    plain = edit_config(config, {"data.train_shards": str(synthetic_shards / "train")}, out=tmp_path / "plain.yaml")
+    plain = edit_config(config, {"data.train_shards": str(synthetic_shards / "train"),
+                                 "trainer.default_root_dir": str(tmp_path / "plain_run")}, out=tmp_path / "plain.yaml")
     assert cli_main(["fit", "--config", str(plain), *fit]) == 0
     assert sum(calls) == 2  # two training steps, one VAE encode each
     calls.clear()

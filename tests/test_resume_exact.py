@@ -112,3 +112,21 @@ def test_group_sigusr1_with_workers_checkpoints_and_requeues(tmp_path, synthetic
     stopped = _last(run)["global_step"]
     assert stopped == int((run / "step.txt").read_text()) >= 3
     assert [s for s, _ in _keys(run)] == list(range(1, stopped + 1))
+
+
+def test_resume_after_max_steps_inside_an_epoch_finishes_that_epoch_first(tmp_path, synthetic_shards):
+    """A run that ends at max_steps inside an epoch: Lightning counts that epoch as done, so a resume with a
+    higher max_steps used to start the next epoch's stream and the rest of the cut epoch was never read."""
+    config, run = _config(tmp_path, synthetic_shards, "two_stages")
+    ref_config, ref_run = _config(tmp_path, synthetic_shards, "one_go")
+    first = _fit(config, "--trainer.max_steps", "6")  # batches_per_epoch 4: stops 2 batches into epoch 1
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _fit(config, "--ckpt_path", "last", "--trainer.max_steps", "11")
+    assert second.returncode == 0, second.stderr[-3000:]
+    reference = _fit(ref_config, "--trainer.max_steps", "11")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    keys, ref_keys = _keys(run), _keys(ref_run)
+    assert [s for s, _ in keys] == list(range(1, 12))
+    assert keys == ref_keys
+    a, b = _last(run), _last(ref_run)
+    assert max((a["state_dict"][k] - v).abs().max().item() for k, v in b["state_dict"].items()) == 0.0

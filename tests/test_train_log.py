@@ -21,9 +21,13 @@ pytestmark = pytest.mark.slow
 def _config(tmp_path, shards, every_n_steps: int):
     config = run_config(tmp_path, shards)  # 4 steps, validation and checkpoints every 2
     cfg = yaml.safe_load(config.read_text())
-    for cb in cfg["trainer"]["callbacks"]:
+    # The shared layer's callbacks (conf/trainer/default.yaml), with TrainProgress's interval changed: a run
+    # config's `callbacks:` replaces that list.
+    shared = yaml.safe_load((ROOT / "conf" / "trainer" / "default.yaml").read_text())["trainer"]["callbacks"]
+    for cb in shared:
         if cb["class_path"].endswith("TrainProgress"):
             cb["init_args"] = {"every_n_steps": every_n_steps}
+    cfg["trainer"]["callbacks"] = shared + cfg["trainer"].pop("callbacks+", [])
     config.write_text(yaml.safe_dump(cfg))
     return config
 
