@@ -210,18 +210,32 @@ class InstantBoothDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("per_rank")
 
-    def _resume_point(self, epoch: int, rank: int, world: int) -> dict[int, tuple[int, int]] | None:
-        """{worker: (batches, samples)} this rank's stream had delivered in `epoch`, from the checkpoint."""
+    def _resume_point(self, epoch: int, rank: int, world: int) -> tuple[int, dict[int, tuple[int, int]] | None]:
+        """(the stream's epoch to start at, {worker: (batches, samples)} this rank had delivered in it) from
+        the checkpoint; (epoch, None) for a fresh epoch."""
         saved, self._resume = self._resume, None
         if not saved:
-            return None
+            return epoch, None
         if len(saved) != world or saved[rank]["num_workers"] != self.loader.num_workers:
             rank_zero_warn(f"the checkpoint's data stream was read by {len(saved)} ranks x "
                            f"{saved[0]['num_workers']} workers, this run has {world} x {self.loader.num_workers}: "
                            f"epoch {epoch} starts afresh and samples of it may repeat")
-            return None
+            return epoch, None
         mine = saved[rank]
-        return {int(w): tuple(p) for w, p in mine["workers"].items()} if mine["epoch"] == epoch else None
+        delivered = {int(w): tuple(p) for w, p in mine["workers"].items()}
+        if mine["epoch"] >= epoch:
+            return epoch, delivered if mine["epoch"] == epoch else None
+        # Lightning is ahead of the stream: a run that ended at max_steps inside an epoch has that epoch counted
+        # as done. The stream goes on from its own count and finishes it first (its epochs then run behind
+        # Lightning's count, and the data is what one uninterrupted run reads).
+        if self._epoch_complete(delivered):
+            return mine["epoch"] + 1, None
+        return mine["epoch"], delivered
+
+    def _epoch_complete(self, delivered: dict[int, tuple[int, int]]) -> bool:
+        workers = max(1, self.loader.num_workers)
+        per_worker = -(-self.batches_per_epoch // workers)
+        return len(delivered) == workers and all(batches >= per_worker for batches, _ in delivered.values())
 
     def held_out_concepts(self, count: int, per_concept: int, size: int) -> list[HeldOutConcept]:
         """The first validation concepts with references at `size` (IdentityEval's; ib.data.concepts)."""
@@ -232,11 +246,10 @@ class InstantBoothDataModule(L.LightningDataModule):
     def train_dataloader(self):
         workers = self.loader.num_workers
         rank, world = self._rank_world()
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        resume = self._resume_point(epoch, rank, world)
+        epoch, resume = self._resume_point(self.trainer.current_epoch if self.trainer is not None else 0, rank, world)
         self._delivered = {"epoch": epoch, "workers": dict(resume or {})}
         ds = TrainStream(self.train_urls, decode_sample, self._transform(train=True), batch_size=self.batch_size,
-                         batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),
+                         batches_per_worker=-(-self.batches_per_epoch // max(1, workers)),  # as _epoch_complete
                          resampled=self.resampled, rank=rank, world=world, workers=workers,
                          seed=self.loader.seed, shuffle_buffer=self.loader.shuffle_buffer,
                          max_consecutive_bad=self.max_consecutive_bad, first_epoch=epoch, resume=resume)
