@@ -39,11 +39,14 @@ train: $(if $(DATA),$(STAMP),data)
 	$(BIN)/ib fit --config $(CONFIG) $(if $(RUN),--trainer.default_root_dir $(RUN)) \
 	  $(if $(DATA),--data.train_shards $(DATA)/train --data.val_shards $(DATA)/val) --ckpt_path last $(ARGS)
 
+# Two test processes of one compute thread each (tests/conftest.py): one per core of a 2-core machine.
+TEST_PROCESSES ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow" $(ARGS)
 
 # Identity transfer in the synthetic world: toy base LDM -> InstantBooth on it (frozen) -> held-out measurement.
 # Each stage resumes from its last checkpoint, so an interrupted run continues where it stopped.

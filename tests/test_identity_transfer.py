@@ -18,7 +18,9 @@ from experiments.toy.cli import main as toy_base_main
 from experiments.toy.experiment import main as experiment_main
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
+# About 11 minutes of one thread on a quiet 2-core machine (the toy base is trained inside the test): three
+# times that, so a machine busy with another job does not fail it.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 BASE_STEPS, VAE_STEPS, IB_STEPS = 1100, 300, 700
 # conf/toy_instantbooth.yaml's learning rates x 4 for the 700-step schedule (x 1, 2, 4, 8 measured: x 4 gave the
