@@ -316,3 +316,12 @@ def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp
     r = _ib("generate", "--weights", weights, "--base", tmp_path / "nowhere", "--ref", ref, "--prompt", PROMPT,
             "--out", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip().endswith(f"--base: folder not found: {tmp_path / 'nowhere'}")
+
+
+def test_ib_evaluate_refuses_a_missing_base_before_writing(weights, tmp_path):
+    from tests.test_dreambench import write_layout
+    data = write_layout(tmp_path / "bench")
+    r = _ib("evaluate", "--weights", weights, "--base", tmp_path / "nowhere", "--data", data, "--out", tmp_path / "out",
+            "--backbones", "conf/metrics/tiny.yaml", "--steps", "2")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"ib: error: --base: folder not found: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "out").exists()
