@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ib.data.references import prepare_references
 from ib.errors import ConfigError
 from ib.models.adapter import adapters_removed
-from ib.models.frozen_ldm import FrozenLDM, LDMConfig
+from ib.models.frozen_ldm import SCHEDULERS, FrozenLDM, LDMConfig
 from ib.models.image_encoder import FrozenImageEncoder
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig, check_sampling
@@ -254,7 +254,7 @@ def generate(pipe: InstantBoothPipeline, refs: torch.Tensor | None, prompts: lis
              seeds: list[int]) -> torch.Tensor:
     """The callers inside ib (validation, IdentityEval, `ib generate` / `ib evaluate`, the toy experiment, the
     bench): prepared refs (B, N, 3, S, S) or None, settings `cfg`, one seed per image -> (B, 3, H, W) in [0, 1]."""
-    if type(pipe.scheduler) is not type(pipe.model.ldm.sampling_scheduler(cfg.scheduler)):
+    if type(pipe.scheduler) is not SCHEDULERS[cfg.scheduler]:
         pipe.scheduler = pipe.model.ldm.sampling_scheduler(cfg.scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompts, refs, generator=seeded(seeds), num_inference_steps=cfg.steps,
