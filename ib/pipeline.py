@@ -31,7 +31,7 @@ from ib.models.frozen_ldm import SCHEDULERS, FrozenLDM, LDMConfig
 from ib.models.image_encoder import FrozenImageEncoder
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig, check_sampling
-from ib.models.speed import DTYPES, as_speed_config
+from ib.models.speed import DTYPE_NAMES, DTYPES, as_speed_config
 from ib.weights import check_hparams, check_unet_shape, export_weights, load_model, load_trainable, read_weights
 
 WEIGHTS_FILE = "instantbooth.safetensors"  # the trained part in a pipeline folder (the `ib export` format)
@@ -267,7 +267,7 @@ def load_instantbooth(pipe: DiffusionPipeline, weights: str | Path, speed=None) 
     the trained weights from `weights` (an `ib export` file). The adapters are installed into the shared UNet
     but run only when the InstantBooth pipeline passes them its references: `pipe` keeps sampling as before."""
     hparams, state = read_weights(weights, "weights")
-    dtype_name = {v: k for k, v in DTYPES.items()}.get(pipe.unet.dtype, "float32")
+    dtype_name = DTYPE_NAMES.get(pipe.unet.dtype, "float32")
     source = LDMConfig(pretrained=getattr(pipe, "name_or_path", None) or None)
     ldm = FrozenLDM(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                     DDPMScheduler.from_config(pipe.scheduler.config), source=source)
@@ -287,10 +287,9 @@ def load_instantbooth(pipe: DiffusionPipeline, weights: str | Path, speed=None) 
 def _speed(speed, torch_dtype: torch.dtype | None):
     cfg = as_speed_config(speed)
     if torch_dtype is not None:
-        names = {v: k for k, v in DTYPES.items()}
-        if torch_dtype not in names:
+        if torch_dtype not in DTYPE_NAMES:
             raise ConfigError(f"torch_dtype: one of {', '.join(DTYPES)}, got {torch_dtype}")
-        cfg = replace(cfg, frozen_dtype=names[torch_dtype])
+        cfg = replace(cfg, frozen_dtype=DTYPE_NAMES[torch_dtype])
     return cfg
 
 

@@ -51,6 +51,7 @@ COMPILED_BLOCKS = COMPILE_SCOPES["all"]
 # sampling; parameters' shapes are guarded, and torch's default limit of 8 would silently fall back to eager.
 RECOMPILE_LIMIT = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 @dataclass
