@@ -158,10 +158,11 @@ def build(output: Path, concepts: int, val_concepts: int, images_per_concept: in
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--concepts", type=int, default=60, help="training concepts")
-    p.add_argument("--val-concepts", type=int, default=12, help="held-out concepts (never seen in training)")
-    p.add_argument("--images-per-concept", type=int, default=10)
-    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    # The defaults are the embedded default's world, the one assets/toy-base was trained on (its train split).
+    p.add_argument("--concepts", type=int, default=480, help="training concepts")
+    p.add_argument("--val-concepts", type=int, default=24, help="held-out concepts (never seen in training)")
+    p.add_argument("--images-per-concept", type=int, default=8)
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--shard-size", type=int, default=200, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
