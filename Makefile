@@ -17,7 +17,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv train test test-fast bench bench-data data tensorboard experiment clean
+.PHONY: venv train test test-fast bench bench-data data tensorboard experiment toy-base clean
 
 venv: $(STAMP)
 
@@ -48,13 +48,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow" $(ARGS)
 
-# Identity transfer in the synthetic world: toy base LDM -> InstantBooth on it (frozen) -> held-out measurement.
-# Each stage resumes from its last checkpoint, so an interrupted run continues where it stopped.
-experiment: $(STAMP)
-	$(BIN)/python -m data_tools.synthetic_world --output data/toyworld --concepts 240 --val-concepts 24 --images-per-concept 8 --size 32
+# Identity transfer in the synthetic world: the embedded default trained longer (conf/experiment.yaml) on the
+# stored toy base, then measured on the held-out concepts; SEED picks the run (runs/experiment-seedSEED).
+# One compute thread: the numbers are then the same on any machine and under any load (float sums keep
+# their order). Each stage resumes from its last checkpoint.
+SEED ?= 0
+EXPERIMENT := runs/experiment-seed$(SEED)
+experiment: data
+	OMP_NUM_THREADS=1 $(BIN)/ib fit --config conf/default.yaml --config conf/experiment.yaml \
+	  --trainer.default_root_dir $(EXPERIMENT) --seed_everything $(SEED) --data.loader.seed $(SEED) --ckpt_path last
+	OMP_NUM_THREADS=1 $(BIN)/python -m experiments.toy.experiment --weights $(EXPERIMENT)/checkpoints/last.ckpt \
+	  --data $(SYNTHETIC)/val --out $(EXPERIMENT)/report
+
+# Rebuilds assets/toy-base, the embedded default's frozen base, from the synthetic world's training concepts.
+toy-base: data
 	$(BIN)/python -m experiments.toy.cli --config conf/toy_base.yaml --ckpt_path last
-	$(BIN)/ib fit --config conf/toy_instantbooth.yaml --ckpt_path last
-	$(BIN)/python -m experiments.toy.experiment --weights runs/toy_instantbooth/checkpoints/last.ckpt --data data/toyworld/val --out runs/experiment
 
 # Speed benchmark (random weights): tiny scale on CPU, SD 1.5 scale on a GPU; JSON into bench/results/.
 #   make bench                                  # CPU, tiny

@@ -15,14 +15,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
+sys.path.insert(0, str(ROOT))
+
+from bench.scales import CONFIGS, model_config  # noqa: E402
 
 
 def one_scope(scale: str, scope: str, batch: int, device: str) -> dict:
     """Runs inside a fresh process (see main)."""
     import torch
     import torch.nn.functional as F
-    import yaml
     from diffusers import UNet2DConditionModel
 
     from ib.models.adapter import adapter_kwargs, install_adapters
@@ -30,7 +31,7 @@ def one_scope(scale: str, scope: str, batch: int, device: str) -> dict:
     from ib.models.speed import COMPILE_SCOPES, RECOMPILE_LIMIT
 
     torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    cfg = yaml.safe_load(CONFIGS[scale].read_text())["model"]["ldm"]["unet"]
+    cfg = model_config(scale)["ldm"]["unet"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
     width = cfg["cross_attention_dim"]
@@ -88,7 +89,6 @@ def main(argv=None):
            "device": a.device, "cpu_cores": os.cpu_count(), "rows": rows}
     os.makedirs(a.out, exist_ok=True)
     path = Path(a.out) / f"compile-{a.scale}-{a.device}-{res['date']}.json"
-    sys.path.insert(0, str(ROOT))
     from ib.atomic_write import write_json
     write_json(path, res)  # atomically: a cut-short run leaves no half-written file
     print(f"written: {path}")

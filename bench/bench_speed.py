@@ -37,7 +37,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,8 +50,8 @@ from ib.models.instantbooth import InstantBooth  # noqa: E402
 from ib.models.sampler import SamplingConfig  # noqa: E402
 from ib.models.speed import SpeedConfig, attention_backends, check_speed  # noqa: E402
 from ib.pipeline import InstantBoothPipeline, generate  # noqa: E402
+from bench.scales import CONFIGS, model_config  # noqa: E402
 
-CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
 DEFAULTS = {  # per scale: what a run on its intended device can afford
     "tiny": dict(batch=4, iters=5, warmup=2, sample_iters=3, dreambooth_steps=20, budget_s=1e9),
     # budget: what is left is skipped (and said so) so a 10-minute GPU slot still writes its JSON
@@ -135,7 +134,7 @@ def main_speed(a) -> SpeedConfig:
 
 def recommended(device: str) -> SpeedConfig:
     """conf/sd15.yaml's training switches, plus CUDA graphs for sampling where there is CUDA."""
-    cfg = SpeedConfig(**yaml.safe_load(CONFIGS["sd15"].read_text())["model"].get("speed", {}))
+    cfg = SpeedConfig(**model_config("sd15").get("speed", {}))
     return dataclasses.replace(cfg, cuda_graphs_sampling=device.startswith("cuda"))
 
 
@@ -158,9 +157,8 @@ class Bench:
     def __init__(self, a):
         self.a, self.dev = a, torch.device(a.device)
         self.t0 = time.time()
-        m = yaml.safe_load(CONFIGS[a.scale].read_text())["model"]
-        ldm = LDMConfig(**dict(m["ldm"], pretrained=None))  # random weights of the architecture
-        enc = ImageEncoderConfig(**dict(m["image_encoder"], pretrained=None))
+        m = model_config(a.scale)  # random weights of the architecture
+        ldm, enc = LDMConfig(**m["ldm"]), ImageEncoderConfig(**m["image_encoder"])
         t = time.time()
         # The frozen parts, built once; every variant is a copy with its own speed switches.
         self.frozen = (FrozenLDM.from_config(ldm).to(self.dev), FrozenImageEncoder.build(enc).to(self.dev))

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,8 +45,8 @@ sys.path.insert(0, str(ROOT))
 from ib.atomic_write import write_json  # noqa: E402
 from ib.models.adapter import adapter_kwargs, install_adapters  # noqa: E402
 from ib.models.heads import PatchHead  # noqa: E402
+from bench.scales import CONFIGS, model_config  # noqa: E402
 
-CONFIGS = {"tiny": ROOT / "conf" / "default.yaml", "sd15": ROOT / "conf" / "sd15.yaml"}
 MODES = ("autocast_fp32_weights", "autocast_bf16_weights", "native_bf16", "anchor")
 # CUDA autocast: ops run in bf16 ...
 LOW = {F.linear, F.conv2d, torch.matmul, torch.bmm, torch.baddbmm, torch.addmm, torch.mm,
@@ -118,7 +117,7 @@ ANCHOR_FILE: Path | None = None  # set from --anchor
 def unet_with_adapters(scale: str, mode: str):
     """The scale's UNet with InstantBooth's adapters (or the anchor's), on the meta device."""
     from diffusers import UNet2DConditionModel
-    cfg = yaml.safe_load(CONFIGS[scale].read_text())["model"]["ldm"]["unet"]
+    cfg = model_config(scale)["ldm"]["unet"]
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
         unet.requires_grad_(False)

@@ -12,15 +12,15 @@ same settings does nothing.
 import argparse
 import io
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
+
+from ib.atomic_write import atomic_folder
 
 SHAPES = {"ball": "circle", "box": "square", "kite": "diamond", "star": "star", "ring": "ring", "tent": "triangle"}
 TEXTURES = ("solid", "stripes", "dots", "checker", "split")
@@ -127,9 +127,7 @@ def build(output: Path, concepts: int, val_concepts: int, images_per_concept: in
         return output
     if output.exists() and not output.is_dir():
         raise SystemExit(f"error: --output is a file: {output}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as tmp:
         rng = np.random.default_rng(seed)
         specs = [concept_spec(rng, i) for i in range(concepts + val_concepts)]
         splits = {"train": specs[:concepts], "val": specs[concepts:]}
@@ -145,12 +143,6 @@ def build(output: Path, concepts: int, val_concepts: int, images_per_concept: in
                 counts[split] = len(split_specs) * images_per_concept
         (tmp / "concepts.json").write_text(json.dumps(specs, indent=1))
         (tmp / "manifest.json").write_text(json.dumps({"settings": settings, "samples": counts}, indent=1))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.chmod(0o755)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"synthetic world: {counts} samples at {output}")
     return output
 

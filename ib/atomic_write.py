@@ -6,6 +6,7 @@ next start.
 """
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,24 @@ def atomic_path(path: str | Path):
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
+
+
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yields a temp folder beside `path` to fill; on success it replaces `path` (a folder) whole, on failure
+    it is removed. Between the old folder's removal and the rename a reader finds no folder, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent))
+    try:
+        yield tmp
+        for entry in [tmp, *tmp.rglob("*")]:  # mkdtemp and safetensors make them private
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~_umask())
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

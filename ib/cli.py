@@ -7,7 +7,6 @@ Commands are imported only when run, so `ib --help` answers at once.
 import importlib
 import os
 import sys
-import warnings
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -29,9 +28,6 @@ FIT_COMMANDS = ("fit", "validate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The frozen parts are in eval mode on purpose; Lightning's warning about it is noise here.
-    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="", file=sys.stdout if args else sys.stderr)

@@ -21,8 +21,8 @@ from lightning.pytorch.accelerators import AcceleratorRegistry
 
 from ib.data.shards import resolve_shards
 from ib.errors import ConfigError
-from ib.models.frozen_ldm import missing_pretrained_folder
-from ib.models.image_encoder import missing_checkpoint_file
+from ib.models.frozen_ldm import LDMConfig, missing_pretrained_folder
+from ib.models.image_encoder import ImageEncoderConfig, missing_checkpoint_file
 from ib.models.sampler import SamplingConfig, check_sampling
 from ib.models.speed import SpeedConfig, check_speed
 
@@ -175,6 +175,11 @@ def check_config(cfg: Namespace) -> None:
     identifier = _get(cfg, "model.identifier")
     if identifier is not None and not identifier.strip():
         raise ConfigError("model.identifier: must not be empty")
+    # The allow-lists of the frozen parts' fields, before the (possibly large) base model is loaded.
+    for key, config_class in (("model.ldm", LDMConfig), ("model.image_encoder", ImageEncoderConfig)):
+        section = _get(cfg, key)
+        if section is not None:
+            config_class(**(section.as_dict() if isinstance(section, Namespace) else dict(section))).check(key)
     ldm = _get(cfg, "model.ldm.pretrained")
     if missing_pretrained_folder(ldm):
         raise ConfigError(f"model.ldm.pretrained: folder not found: {ldm}")

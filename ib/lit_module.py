@@ -31,6 +31,13 @@ def _as(cls, value):
     return value if isinstance(value, cls) else cls(**(value or {}))
 
 
+def other_concept(concepts: list[str]) -> torch.Tensor | None:
+    """For each sample, the index of the next sample (cyclically) of another concept; None if all are one."""
+    n = len(concepts)
+    partner = [next((j % n for j in range(i + 1, i + n) if concepts[j % n] != concepts[i]), None) for i in range(n)]
+    return None if None in partner else torch.tensor(partner)
+
+
 class InstantBoothModule(L.LightningModule):
     """
     beta_train: adapter strength in training (1.0 in the paper).
@@ -65,6 +72,7 @@ class InstantBoothModule(L.LightningModule):
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
+        self.shuffled_loss_sum, self.shuffled_loss_count = 0.0, 0  # this validation's, this rank's
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters, speed=self.speed)
 
@@ -105,12 +113,29 @@ class InstantBoothModule(L.LightningModule):
         return self.model.ldm.latents_from_moments(moments)
 
     def validation_step(self, batch, batch_idx):
-        # Fixed noise and timesteps per batch: validation curves compare like with like.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(self.val_seed + batch_idx)
-            loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"], beta=self.beta_train)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
-        return loss
+        # Fixed noise and timesteps per batch: validation curves compare like with like. The same loss with
+        # another concept's references (loss_shuffled) shows how much the model takes from its references.
+        partner = other_concept(batch["concept"])
+        for name, refs in (("own", batch["refs"]), ("shuffled", None if partner is None else batch["refs"][partner])):
+            if refs is None:
+                continue
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.val_seed + batch_idx)
+                loss = self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train)
+            if name == "own":
+                self.log("val/loss_own", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
+            else:
+                self.shuffled_loss_sum += float(loss) * len(batch["caption"])
+                self.shuffled_loss_count += len(batch["caption"])
+
+    def on_validation_epoch_end(self):
+        # Summed here, not by self.log: a rank whose batches each hold a single concept has nothing to log,
+        # and every rank must still meet in the same collective.
+        total, count = self.trainer.strategy.reduce(
+            torch.tensor([self.shuffled_loss_sum, self.shuffled_loss_count], device=self.device), reduce_op="sum").tolist()
+        self.shuffled_loss_sum = self.shuffled_loss_count = 0
+        if count > 0:
+            self.log("val/loss_shuffled", total / count)
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 4) -> dict[str, torch.Tensor]:

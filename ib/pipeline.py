@@ -10,8 +10,6 @@ experiment and the bench all call it. Balanced sampling (β: adapter strength), 
 """
 import inspect
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ib.data.references import prepare_references
+from ib.atomic_write import atomic_folder
 from ib.errors import ConfigError
 from ib.models.adapter import adapters_removed
 from ib.models.frozen_ldm import SCHEDULERS, FrozenLDM, LDMConfig
@@ -113,9 +112,7 @@ class InstantBoothPipeline(DiffusionPipeline):
         out = Path(save_directory)
         if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "model_index.json").is_file())):
             raise ConfigError(f"save_directory: {out} exists and is not a pipeline folder")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with atomic_folder(out) as tmp:
             with adapters_removed(self.unet):
                 self.model.ldm.save_pretrained(tmp, scheduler=self.scheduler)
             self.image_encoder.save_pretrained(tmp / "image_encoder")
@@ -126,11 +123,6 @@ class InstantBoothPipeline(DiffusionPipeline):
                      "tokenizer": ["transformers", type(self.tokenizer).__name__],
                      "unet": ["diffusers", type(self.unet).__name__], "vae": ["diffusers", type(self.vae).__name__]}
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     # --- sampling ---------------------------------------------------------------------------------------
     def prepare_references(self, reference_images, reference_masks=None, batch: int = 1) -> torch.Tensor | None:

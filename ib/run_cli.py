@@ -11,6 +11,7 @@ each run config, and one run folder per run.
   anything is written. What may change on resume: step budget, learning rates, batch size, loaders, validation.
 """
 import json
+import warnings
 from pathlib import Path
 
 import yaml
@@ -81,6 +82,9 @@ def check_run_folder(config: dict, resume: bool) -> None:
 
 class RunCLI(LightningCLI):
     def __init__(self, *args, save_config_callback=SaveRunConfig, **kwargs):
+        # Our entry points hand LightningCLI their argv on purpose; the frozen parts are in eval mode on purpose.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         super().__init__(*args, save_config_callback=save_config_callback, **kwargs)
 
     def setup_parser(self, add_subcommands, main_kwargs, subparser_kwargs):

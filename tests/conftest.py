@@ -13,6 +13,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # `ib fit` subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import lightning.pytorch  # noqa: E402,F401  (its log handlers bind to stderr now, not to one test's capsys stream)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -51,9 +52,18 @@ def synthetic_shards(tmp_path_factory) -> Path:
     return out
 
 
-def run_config(tmp_path: Path, shards: Path, **trainer_overrides) -> Path:
-    """conf/default.yaml with every path pointed into tmp_path and a few-step trainer; returns its path."""
+def random_parts() -> dict:
+    """`model.ldm` with the toy base's architecture (conf/toy_base.yaml) and random weights: what the config
+    checks of the frozen parts' own fields (the noise schedule, the allow-lists) act on."""
+    return yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())["model"]["ldm"]
+
+
+def run_config(tmp_path: Path, shards: Path, random_ldm: bool = False, **trainer_overrides) -> Path:
+    """conf/default.yaml with every path pointed into tmp_path and a few-step trainer; returns its path.
+    random_ldm: the frozen base built from random_parts() instead of loaded from assets/toy-base."""
     cfg = copy.deepcopy(default_config())
+    if random_ldm:
+        cfg["model"]["ldm"] = random_parts()
     run = tmp_path / "run"
     t = cfg["trainer"]
     # The run folder names the logger's and the checkpoints' folders too (ib/run_cli.py).

@@ -57,7 +57,7 @@ class RankReport(L.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self.report["val_synced"].append(float(trainer.callback_metrics["val/loss"]))
+            self.report["val_synced"].append(float(trainer.callback_metrics["val/loss_own"]))
 
     def on_train_end(self, trainer, pl_module):
         self._write(trainer, pl_module)

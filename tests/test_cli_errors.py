@@ -47,7 +47,7 @@ def no_model_build(monkeypatch):
 
 
 def _refused_before_any_work(tmp_path, shards, overrides, field, capsys):
-    config = run_config(tmp_path, shards)
+    config = run_config(tmp_path, shards, random_ldm=True)  # the noise schedule is the config's, not a folder's
     assert main(["fit", "--config", str(config), *overrides]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"ib: error: {field}:"), last
@@ -74,7 +74,7 @@ def test_fit_refuses_more_gpus_than_the_machine_has(tmp_path, synthetic_shards, 
 
 def test_fit_refuses_betas_above_1_from_the_config_file(tmp_path, synthetic_shards, no_model_build, capsys):
     """Betas > 1 make every loss NaN; from a YAML file they arrive as floats."""
-    config = edit_config(run_config(tmp_path, synthetic_shards), {"model.ldm.scheduler.beta_end": 1.5})
+    config = edit_config(run_config(tmp_path, synthetic_shards, random_ldm=True), {"model.ldm.scheduler.beta_end": 1.5})
     assert main(["fit", "--config", str(config)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("ib: error: model.ldm.scheduler.beta_end:"), last

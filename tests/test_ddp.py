@@ -1,6 +1,6 @@
 """A real 2-process DDP run on CPU (gloo) through the CLI, as a user launches it, stopped by SIGTERM to both
 processes: ranks see different samples and keep identical weights (also through a NaN on one rank
-only), validation runs on every rank from a single val shard and val/loss is reduced across ranks, both
+only), validation runs on every rank from a single val shard and val/loss_own is reduced across ranks, both
 ranks stop after the same step, and one set of checkpoints is written."""
 import json
 import os
@@ -65,7 +65,7 @@ def test_two_process_ddp_fit_then_sigterm(tmp_path, synthetic_shards):
     final = [torch.load(report / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
 
-    # Validation after step 2 ran on both ranks (one batch each, different samples); val/loss is their mean.
+    # Validation after step 2 ran on both ranks (one batch each, different samples); val/loss_own is their mean.
     local = [r["val_local"][0] for r in ranks]
     synced = [r["val_synced"][0] for r in ranks]
     assert local[0] != local[1]

@@ -39,4 +39,4 @@ def test_ddp_fit_with_one_val_shard_and_bad_samples(tmp_path, synthetic_shards):
     # Rank 1 reads 4 bad samples before every 2 good ones (no shuffle): 4 skipped per step of batch 2, also
     # across the end of the 3-batch epoch.
     assert skipped == [4, 8, 12, 16]
-    assert len(events.Scalars("val/loss")) == 2  # both validations finished on both ranks
+    assert len(events.Scalars("val/loss_own")) == 2  # both validations finished on both ranks

@@ -3,10 +3,10 @@ runs and tells the precision modes apart."""
 import json
 
 import torch
-import yaml
 from diffusers import UNet2DConditionModel
 
 from bench import estimate_step as E
+from bench.scales import model_config
 from ib.models.adapter import adapter_kwargs, install_adapters
 from ib.models.heads import PatchHead
 
@@ -26,7 +26,7 @@ def _saved_by(unet, inputs, context) -> tuple[int, list]:
 def test_emulated_autocast_saves_what_real_autocast_saves(monkeypatch):
     """The emulation with CPU autocast's lists (its float32 list holds none of the ops this model reaches) against
     a real CPU autocast, on real tensors: the same saved tensors, bytes and dtypes, and the same output."""
-    cfg = yaml.safe_load(E.CONFIGS["tiny"].read_text())["model"]["ldm"]["unet"]
+    cfg = model_config("tiny")["ldm"]["unet"]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg).requires_grad_(False)
     width = cfg["cross_attention_dim"]

@@ -15,6 +15,8 @@ from ib.metrics.backbones import ClipBackboneConfig
 from tests.conftest import ROOT, default_config, run_config
 
 METRICS = ("val/clip_i", "val/clip_t", "val/dino")
+COLOUR = ("val/identity_own", "val/identity_shuffled")
+GRID = "val/reference_own_shuffled_other"
 
 
 def _tensorboard(run_dir) -> EventAccumulator:
@@ -51,7 +53,10 @@ def test_validate_logs_identity_metrics_and_grid(tmp_path, synthetic_shards):
     for tag in METRICS:
         (value,) = [e.value for e in events.Scalars(tag)]
         assert -1.0 <= value <= 1.0 and value != 0.0, tag
-    assert "val/identity_real_generated" in events.Tags()["images"]
+    for tag in COLOUR:
+        (value,) = [e.value for e in events.Scalars(tag)]
+        assert 0.0 <= value <= 1.0, tag
+    assert GRID in events.Tags()["images"]
 
 
 @pytest.mark.slow
@@ -68,11 +73,11 @@ def test_two_ddp_processes_share_the_work_and_agree_with_one(tmp_path, synthetic
                                    "--trainer.strategy", "ddp" if devices > 1 else "auto"])
         assert code == 0, stderr[-3000:]
         events = _tensorboard(folder / "run")
-        values[devices] = {tag: events.Scalars(tag)[-1].value for tag in METRICS}
-        rows[devices] = events.Images("val/identity_real_generated")[-1].height
-    # rank 0's grid shows its own share: 3 (real, generated) rows of 64 px + padding, against all 6
+        values[devices] = {tag: events.Scalars(tag)[-1].value for tag in METRICS + COLOUR}
+        rows[devices] = events.Images(GRID)[-1].height
+    # rank 0's grid shows its own share: 3 rows (reference, own, shuffled, other) of 64 px + padding, against all 6
     assert (rows[1], rows[2]) == (6 * 66 + 2, 3 * 66 + 2)
-    for tag in METRICS:
+    for tag in METRICS + COLOUR:
         assert values[2][tag] == pytest.approx(values[1][tag], abs=1e-4), tag
 
 

@@ -1,4 +1,6 @@
 """The real loading code (hub id or local folder / open_clip tag or file), exercised offline on tiny parts."""
+from dataclasses import replace
+
 import pytest
 import torch
 import yaml
@@ -6,11 +8,15 @@ import yaml
 from ib.errors import ConfigError
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig, create_open_clip
-from tests.conftest import ROOT, default_config
+from tests.conftest import ROOT, default_config, random_parts
+
+
+def _random_parts() -> LDMConfig:
+    return LDMConfig(**random_parts())
 
 
 def test_diffusers_folder_round_trip(tmp_path):
-    cfg = LDMConfig(**default_config()["model"]["ldm"])
+    cfg = _random_parts()
     built = FrozenLDM.from_config(cfg)
     built.save_pretrained(tmp_path / "sd")
     loaded = FrozenLDM.from_config(LDMConfig(pretrained=str(tmp_path / "sd")))
@@ -21,6 +27,17 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert built.tokenizer(prompt).input_ids == loaded.tokenizer(prompt).input_ids
     assert loaded.noise_scheduler.config.num_train_timesteps == 1000
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_a_bf16_folder_loads_in_float32(tmp_path):
+    """Stored bf16 (like assets/toy-base) -> every frozen part in float32, the text encoder included (transformers
+    alone would keep it in bf16 and feed bf16 states to a float32 UNet)."""
+    built = FrozenLDM.from_config(_random_parts()).to(torch.bfloat16)
+    built.save_pretrained(tmp_path / "bf16")
+    loaded = FrozenLDM.from_config(LDMConfig(pretrained=str(tmp_path / "bf16")))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    a, b = built.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(a[k].float(), b[k]) for k in a)  # bf16 -> float32 is exact
 
 
 def test_missing_or_broken_model_folder(tmp_path):
@@ -49,10 +66,10 @@ def test_open_clip_checkpoint_file_round_trip(tmp_path):
 
 
 def test_random_init_is_reproducible():
-    cfg = default_config()["model"]
-    a = FrozenLDM.from_config(LDMConfig(**cfg["ldm"])).unet.state_dict()
-    b = FrozenLDM.from_config(LDMConfig(**cfg["ldm"])).unet.state_dict()
-    c = FrozenLDM.from_config(LDMConfig(**dict(cfg["ldm"], init_seed=1))).unet.state_dict()
+    cfg = _random_parts()
+    a = FrozenLDM.from_config(cfg).unet.state_dict()
+    b = FrozenLDM.from_config(cfg).unet.state_dict()
+    c = FrozenLDM.from_config(replace(cfg, init_seed=1)).unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 

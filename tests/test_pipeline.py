@@ -16,7 +16,7 @@ from ib.models.adapter import adapters_removed
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.pipeline import InstantBoothPipeline, load_instantbooth, seeded
 from ib.weights import CONFIG_KEY, export_weights, write_weights
-from tests.conftest import build_tiny_model, default_config, run_config
+from tests.conftest import build_tiny_model, default_config, random_parts, run_config
 
 PROMPT = "a photo of a sks toy on the grass"
 
@@ -194,11 +194,11 @@ def test_base_swap_runs_the_trained_part_on_another_base_of_the_same_shape(model
 
 
 def test_a_base_of_another_shape_is_refused_in_one_line(weights, tmp_path):
-    cfg = default_config()["model"]["ldm"]
-    other = FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "block_out_channels": [32, 32]}}))
+    cfg = random_parts()
+    other = FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "block_out_channels": [32, 64]}}))
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ConfigError, match=r"^base .*other: the base's UNet differs from the one the weights were "
-                                          r"trained on: block_out_channels \[32, 32\] vs \[32, 64\]$"):
+                                          r"trained on: block_out_channels \[32, 64\] vs \[64, 128\]$"):
         InstantBoothPipeline.from_weights(weights, base=tmp_path / "other")
 
 
@@ -216,9 +216,8 @@ def test_old_export_files_load_and_give_the_same_images(model, weights, refs, tm
 
 
 def test_a_file_from_a_model_of_another_shape_is_refused_in_one_line(model, tmp_path):
-    cfg = default_config()["model"]
-    hparams = {"ldm": {**cfg["ldm"], "unet": {**cfg["ldm"]["unet"], "cross_attention_dim": 48}},
-               "image_encoder": cfg["image_encoder"]}
+    cfg, ldm = default_config()["model"], random_parts()
+    hparams = {"ldm": {**ldm, "unet": {**ldm["unet"], "cross_attention_dim": 48}}, "image_encoder": cfg["image_encoder"]}
     wrong = write_weights(model.trainable_state_dict(), {CONFIG_KEY: json.dumps(hparams)}, tmp_path / "w.safetensors")
     with pytest.raises(ConfigError, match=r"^weights .*w.safetensors: weights do not fit this model: "):
         InstantBoothPipeline.from_weights(wrong)
@@ -302,7 +301,7 @@ def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tm
 
 
 def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp_path):
-    cfg = default_config()["model"]["ldm"]
+    cfg = random_parts()
     FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "cross_attention_dim": 48}})).save_pretrained(
         tmp_path / "other")
     ref = tmp_path / "ref.png"

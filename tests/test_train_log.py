@@ -65,7 +65,7 @@ def test_fit_and_resume_into_a_file_print_plain_lines_and_no_warnings(tmp_path, 
     assert re.fullmatch(r"step 2/4 \(50%\)  epoch 0  train/loss \d\.\d+  \d+\.\d samples/s  elapsed 0:00:\d\d  "
                         r"ETA 0:00:\d\d", steps[1]), steps[1]
     validations = [l for l in lines if l.startswith("validation")]
-    assert [re.match(r"validation at step (\d) \(\d+\.\d s\): .*val/loss \d", l)[1] for l in validations] == ["2", "4"]
+    assert [re.match(r"validation at step (\d) \(\d+\.\d s\): .*val/loss_own \d", l)[1] for l in validations] == ["2", "4"]
     again = [l.split()[1] for l in resumed.stdout.splitlines() if l.startswith("step ")]
     assert again == ["5/6", "6/6"]
     assert "resuming at step 4" in resumed.stdout
@@ -74,7 +74,7 @@ def test_fit_and_resume_into_a_file_print_plain_lines_and_no_warnings(tmp_path, 
     tags = set()
     for f in (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"):
         tags |= {v.tag for event in EventFileLoader(str(f)).Load() for v in event.summary.value}
-    assert "val/loss" in tags and "hp_metric" not in tags
+    assert "val/loss_own" in tags and "hp_metric" not in tags
 
 
 def test_terminal_shows_one_bar_over_the_steps(tmp_path, synthetic_shards):
@@ -106,6 +106,6 @@ def test_terminal_shows_one_bar_over_the_steps(tmp_path, synthetic_shards):
     frames = [f for f in re.split(r"[\r\n]", screen) if f.startswith("train:")]
     assert frames and all(re.search(r"\| [0-4]/4 \[", f) for f in frames), frames
     assert re.search(r"\| 4/4 \[.*epoch \d+  train/loss \d", frames[-1]), frames[-1]
-    assert re.search(r"^validation at step 4 \(\d+\.\d s\): .*val/loss", screen, re.M)
+    assert re.search(r"^validation at step 4 \(\d+\.\d s\): .*val/loss_own", screen, re.M)
     assert not re.search(r"^step \d", screen, re.M)  # no plain lines beside the bar
     assert _noise(screen.replace("\r", "") + err.decode()) == []

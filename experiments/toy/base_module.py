@@ -1,8 +1,12 @@
 """Trains the tiny text-to-image latent diffusion model itself on the synthetic world (issue: a base model
 worth freezing). Phase 1 trains the VAE (reconstruction + a small KL), phase 2 the UNet on its latents
 (ε-prediction, captions without the identifier, caption dropout for CFG). The text encoder stays random and
-frozen. At the end the whole model is saved in diffusers layout, ready for `model.ldm.pretrained`.
+frozen. At the end the whole model is saved in diffusers layout, ready for `model.ldm.pretrained`, in
+`save_dtype` (bf16 halves the stored size; the loader computes in float32 again), with record.json beside it:
+how it was made (command, seed, commit) and its final validation losses.
 """
+import copy
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,18 +15,22 @@ import torch
 import torch.nn.functional as F
 
 from ib.allow_list import dataclass_from
+from ib.atomic_write import atomic_folder
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.identifier import strip_identifier
 
 
 class ToyBaseModule(L.LightningModule):
     def __init__(self, ldm: LDMConfig, output_dir: str, identifier: str = "sks", vae_steps: int = 1000,
-                 lr_vae: float = 1e-3, lr_unet: float = 5e-4, kl_weight: float = 1e-6, caption_dropout: float = 0.1):
+                 lr_vae: float = 1e-3, lr_unet: float = 5e-4, kl_weight: float = 1e-6, caption_dropout: float = 0.1,
+                 save_dtype: str = "bfloat16"):
         super().__init__()
         ldm = ldm if isinstance(ldm, LDMConfig) else dataclass_from(LDMConfig, ldm, "model.ldm")  # from a checkpoint
         self.save_hyperparameters({"ldm": asdict(ldm), "output_dir": output_dir, "identifier": identifier,
                                    "vae_steps": vae_steps, "lr_vae": lr_vae, "lr_unet": lr_unet,
-                                   "kl_weight": kl_weight, "caption_dropout": caption_dropout})
+                                   "kl_weight": kl_weight, "caption_dropout": caption_dropout, "save_dtype": save_dtype})
+        if save_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.save_dtype: float32, bfloat16 or float16, got {save_dtype}")
         self.automatic_optimization = False  # two phases, two optimizers
         self.ldm = FrozenLDM.from_config(ldm)
         self.ldm.vae.requires_grad_(True)
@@ -78,10 +86,17 @@ class ToyBaseModule(L.LightningModule):
             if self.latent_scale > 0:
                 self.log("val/unet_loss", self._unet_loss(batch["image"], batch["caption"]), batch_size=len(batch["image"]))
 
-    def save_base(self) -> None:
-        """The trained model in diffusers layout (called after fit, also when a resumed run had nothing left)."""
+    def save_base(self, record: dict) -> None:
+        """The trained model in diffusers layout, plus record.json (`record` and what this run measured); called
+        after fit, also when a resumed run had nothing left. The folder is replaced whole."""
         if self.latent_scale == 0:
             raise RuntimeError("the UNet phase never started: raise trainer.max_steps above model.vae_steps")
-        self.ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
-        self.ldm.save_pretrained(self.output_dir)
+        ldm = copy.deepcopy(self.ldm).to(getattr(torch, self.hparams.save_dtype))
+        ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        metrics = {k: round(float(v), 5) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        with atomic_folder(self.output_dir) as tmp:
+            ldm.save_pretrained(tmp)
+            (tmp / "record.json").write_text(json.dumps(
+                {**record, "steps": self.global_step, "dtype": self.hparams.save_dtype, "validation": metrics,
+                 "hparams": {k: v for k, v in self.hparams.items() if k != "ldm"}}, indent=1) + "\n")
         print(f"toy base model saved to {self.output_dir}")

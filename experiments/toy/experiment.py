@@ -5,8 +5,10 @@ On the held-out (validation) concepts of the synthetic world, at fixed timesteps
   loss_shuffled  — with references of another held-out concept of the same class
   loss_base      — adapters and concept token off, identifier removed: the frozen base alone
 each also inside the object (loss_*_object: the squared error weighted by the fraction of each latent cell the
-target's object mask covers; the references describe the object, the background is the prompt's business),
-plus identity scores (experiments/toy/identity_score.py) of images generated with own vs shuffled references.
+target's object mask covers; the references describe the object, the background is the prompt's business);
+the same pair with the adapters off, the concept token off and both off (`ablations`; both off: gap 0 by
+construction); and colour identity scores (ib/metrics/colour_identity.py) of images generated with own vs
+shuffled references.
 Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
 the shuffled reference).
 """
@@ -23,16 +25,19 @@ import yaml
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from experiments.toy.identity_score import identity_similarity
 from ib.data.references import prepare_references
 from ib.data.shards import decode_sample, resolve_shards
 from ib.data.transforms import target_transform
 from ib.identifier import insert_identifier, strip_identifier
+from ib.metrics.colour_identity import colour_identity
 from ib.models.sampler import SCHEDULERS, SamplingConfig
 from ib.pipeline import InstantBoothPipeline, generate
 from ib.weights import load_model
 
 CONFIG = Path(__file__).resolve().parents[2] / "conf" / "toy_experiment.yaml"  # the measurement's settings
+# (concept token used, adapter strength β) per setting; "full" is the model as trained. With both off the
+# references reach nothing and own = shuffled; the identifier is dropped from the prompt whenever the concept is off.
+SETTINGS = {"full": (True, 1.0), "adapters_off": (True, 0.0), "concept_off": (False, 1.0), "both_off": (False, 0.0)}
 
 
 def to_tensor(a: np.ndarray) -> torch.Tensor:
@@ -76,8 +81,8 @@ class Experiment:
         return prepare_references([s["image"] for s in chosen], [s["mask"] for s in chosen],
                                   size=self.model.image_encoder.image_size[0], field="--data")
 
-    def object_pixels(self, concept: str) -> np.ndarray:
-        return np.concatenate([s["image"][s["mask"]] for s in self.concepts[concept]])
+    def object_pixels(self, concept: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([s["image"][s["mask"]] for s in self.concepts[concept]]))
 
     @torch.no_grad()
     def losses(self) -> dict:
@@ -99,29 +104,23 @@ class Experiment:
             t = torch.tensor(self.timesteps)
             noise = torch.randn((len(t), *latents.shape[1:]), generator=gen)
             noisy = sched.add_noise(latents.expand(len(t), -1, -1, -1), noise, t)
-            conditions = {
-                "own": (self.refs(concept, s["__key__"]), True, 1.0),
-                "shuffled": (self.refs(self.partner[concept], None), True, 1.0),
-                "own_concept_only": (self.refs(concept, s["__key__"]), True, 0.0),
-                "own_adapters_only": (self.refs(concept, s["__key__"]), False, 1.0),
-                "base": (None, False, 0.0),
-            }
-            for name, (refs, use_concept, beta) in conditions.items():
-                concept_vec = visual = None
-                if refs is not None:
+            own_refs, other_refs = self.refs(concept, s["__key__"]), self.refs(self.partner[concept], None)
+            for setting, (use_concept, beta) in SETTINGS.items():
+                for which, refs in (("own", own_refs), ("shuffled", other_refs)):
                     concept_vec, visual = m.encode_references(refs[None])
-                prompt = caption if use_concept else strip_identifier(caption, identifier)
-                text = m.encode_prompts([prompt], concept_vec if use_concept else None).expand(len(t), -1, -1)
-                vis = None if visual is None else visual.expand(len(t), -1, -1)
-                pred = m.predict_noise(noisy, t, text, vis, beta)
-                err = ((pred - noise) ** 2).mean(dim=1)  # (T, h, w)
-                totals[name] += err.mean(dim=(1, 2)).numpy()
-                object_totals[name] += ((err * weight).sum(dim=(1, 2)) / weight.sum()).numpy()
+                    prompt = caption if use_concept else strip_identifier(caption, identifier)
+                    text = m.encode_prompts([prompt], concept_vec if use_concept else None).expand(len(t), -1, -1)
+                    pred = m.predict_noise(noisy, t, text, visual.expand(len(t), -1, -1), beta)
+                    err = ((pred - noise) ** 2).mean(dim=1)  # (T, h, w)
+                    totals[setting, which] += err.mean(dim=(1, 2)).numpy()
+                    object_totals[setting, which] += ((err * weight).sum(dim=(1, 2)) / weight.sum()).numpy()
             n += 1
         per_t = lambda v: dict(zip(map(str, self.timesteps), (v / n).round(5).tolist()))
-        return {name: {"mean": float(v.mean() / n), "per_timestep": per_t(v),
-                       "object_mean": float(object_totals[name].mean() / n), "object_per_timestep": per_t(object_totals[name])}
-                for name, v in totals.items()}
+        return {setting: {which: {"mean": float(totals[setting, which].mean() / n),
+                                  "per_timestep": per_t(totals[setting, which]),
+                                  "object_mean": float(object_totals[setting, which].mean() / n),
+                                  "object_per_timestep": per_t(object_totals[setting, which])}
+                          for which in ("own", "shuffled")} for setting in SETTINGS}
 
     @torch.no_grad()
     def identity(self, cfg: SamplingConfig, prompts_per_concept: int) -> tuple[dict, torch.Tensor]:
@@ -136,8 +135,7 @@ class Experiment:
                 g_own = generate(self.pipe, own[None], [prompt], cfg, [seed])[0]
                 g_shuf = generate(self.pipe, other[None], [prompt], cfg, [seed])[0]
                 for name, g in (("own", g_own), ("shuffled", g_shuf)):
-                    img = (g.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                    scores[name].append(identity_similarity(img, s["meta"]["context"], ref_pixels))
+                    scores[name].append(colour_identity(g, ref_pixels))
                 if j == 0:
                     size = g_own.shape[-1]
                     up = lambda x: torch.nn.functional.interpolate(x[None], size=size, mode="bilinear")[0]
@@ -172,12 +170,18 @@ def main(argv=None) -> int:
     balanced = SamplingConfig(a.scheduler, a.sample_steps, a.guidance_scale, **at["balanced"])
     ident, grid = exp.identity(trained, a.prompts_per_concept)
     ident_bal, _ = exp.identity(balanced, a.prompts_per_concept)
+    full, base = losses["full"], losses["both_off"]["own"]
+    reduction = lambda pair, key: 1 - pair["own"][key] / pair["shuffled"][key]
     report = {
-        "loss_own": losses["own"]["mean"], "loss_shuffled": losses["shuffled"]["mean"], "loss_base": losses["base"]["mean"],
-        "own_vs_shuffled_reduction": 1 - losses["own"]["mean"] / losses["shuffled"]["mean"],
-        "loss_own_object": losses["own"]["object_mean"], "loss_shuffled_object": losses["shuffled"]["object_mean"],
-        "loss_base_object": losses["base"]["object_mean"],
-        "own_vs_shuffled_reduction_object": 1 - losses["own"]["object_mean"] / losses["shuffled"]["object_mean"],
+        "loss_own": full["own"]["mean"], "loss_shuffled": full["shuffled"]["mean"], "loss_base": base["mean"],
+        "own_vs_shuffled_reduction": reduction(full, "mean"),
+        "loss_own_object": full["own"]["object_mean"], "loss_shuffled_object": full["shuffled"]["object_mean"],
+        "loss_base_object": base["object_mean"],
+        "own_vs_shuffled_reduction_object": reduction(full, "object_mean"),
+        "ablations": {setting: {"loss_own": pair["own"]["mean"], "loss_shuffled": pair["shuffled"]["mean"],
+                                "own_vs_shuffled_reduction": reduction(pair, "mean"),
+                                "own_vs_shuffled_reduction_object": reduction(pair, "object_mean")}
+                      for setting, pair in losses.items()},
         "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
         "identity_balanced": {**at["balanced"], **ident_bal},
         "losses": losses,

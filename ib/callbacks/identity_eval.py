@@ -1,9 +1,12 @@
-"""Identity and prompt fidelity on held-out concepts at every validation: CLIP-I, CLIP-T and DINO.
+"""Identity and prompt fidelity on held-out concepts at every validation: CLIP-I, CLIP-T and DINO, and the
+colour identity of images generated with the concept's own references against another concept's.
 
 The first `concepts` concepts of the validation shards × `prompts` × `images_per_prompt` are generated
 with fixed seeds through InstantBoothPipeline (the path of `ib generate` and `ib evaluate`), from the
 concept's masked object crops (served by the DataModule, or read from `shards`), and scored against the concept's full
-images. Every rank generates its share of the items; the metrics sum their states over ranks.
+images. With `shuffled`, each item is generated again, same prompt and seed, from the next concept's references:
+val/identity_own above val/identity_shuffled means the references, not the prompt, carry the look.
+Every rank generates its share of the items; the metrics sum their states over ranks.
 """
 from dataclasses import replace
 from itertools import groupby
@@ -18,6 +21,7 @@ from ib.data.concepts import HeldOutConcept, read_held_out_concepts
 from ib.data.shards import resolve_shards
 from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig
+from ib.metrics.colour_identity import ColourIdentity
 from ib.metrics.identity import identity_metrics
 from ib.models.sampler import SamplingConfig, check_sampling
 from ib.pipeline import InstantBoothPipeline, generate
@@ -34,13 +38,14 @@ class IdentityEval(L.Callback):
     sampling: overrides of the module's sampling settings (e.g. {steps: 4}); null: the module's.
     shards: the held-out shards; null: the DataModule's validation shards.
     clip / dino: the metric backbones (see ib.metrics.backbones).
-    grid_images: generated images in the TensorBoard grid (from rank 0's share).
+    shuffled: also generate from the next concept's references (val/identity_shuffled, the grid's third column).
+    grid_images: rows of the TensorBoard grid (from rank 0's share).
     """
 
     def __init__(self, prompts: list[str], concepts: int = 2, references: int = 3, images_per_prompt: int = 1,
                  seed: int = 0, sampling: dict | None = None, shards: str | None = None,
                  clip: ClipBackboneConfig | None = None, dino: DinoBackboneConfig | None = None,
-                 grid_images: int = 8):
+                 shuffled: bool = True, grid_images: int = 8):
         for name, value in (("concepts", concepts), ("references", references),
                             ("images_per_prompt", images_per_prompt)):
             if value < 1:
@@ -56,6 +61,7 @@ class IdentityEval(L.Callback):
                 raise ConfigError(f"{FIELD}.prompts: '{p}': only {{identifier}} and {{class}} are filled in") from e
         self.prompts, self.num_concepts, self.references = list(prompts), concepts, references
         self.images_per_prompt, self.seed, self.grid_images = images_per_prompt, seed, grid_images
+        self.shuffled = shuffled and concepts >= 2
         self.sampling_overrides = dict(sampling or {})
         unknown = set(self.sampling_overrides) - set(SamplingConfig.__dataclass_fields__)
         if unknown:
@@ -78,6 +84,9 @@ class IdentityEval(L.Callback):
     def setup(self, trainer, pl_module, stage):
         if self.metrics is None and stage in ("fit", "validate"):
             self.metrics = identity_metrics(self.clip_cfg, self.dino_cfg, pl_module.model.identifier, FIELD)
+            self.metrics["identity_own"] = ColourIdentity()
+            if self.shuffled:
+                self.metrics["identity_shuffled"] = ColourIdentity()
 
     def _load_concepts(self, trainer, pl_module) -> list[HeldOutConcept]:
         size = pl_module.model.image_encoder.image_size[0]
@@ -103,16 +112,24 @@ class IdentityEval(L.Callback):
         pipe = InstantBoothPipeline.from_model(model, cfg.scheduler)
         for c, group in groupby(mine, key=lambda kv: kv[1][0]):
             group = list(group)
-            concept = self.concepts[c]
-            prompts = [prompt for _, (_, prompt) in group]
+            concept, other = self.concepts[c], self.concepts[(c + 1) % len(self.concepts)]
+            prompts, seeds = [prompt for _, (_, prompt) in group], [self.seed + k for k, _ in group]
             refs = concept.refs.to(device)[None].expand(len(group), *concept.refs.shape)
-            images = generate(pipe, refs, prompts, cfg, seeds=[self.seed + k for k, _ in group])
+            images = generate(pipe, refs, prompts, cfg, seeds=seeds)
             reals = concept.reals.to(device)
             self.metrics["clip_i"].update(images, reals)
             self.metrics["dino"].update(images, reals)
             self.metrics["clip_t"].update(images, prompts)
-            real = F.interpolate(reals[:1].float() / 255, size=images.shape[-2:], mode="bilinear", antialias=True)
-            grid += [torch.cat([real, im[None]]) for im in images]
+            self.metrics["identity_own"].update(images, concept.object_pixels)
+            columns = [concept.refs[:1].expand(len(group), -1, -1, -1), images.cpu()]
+            if self.shuffled:
+                other_refs = other.refs.to(device)[None].expand(len(group), *other.refs.shape)
+                images_shuffled = generate(pipe, other_refs, prompts, cfg, seeds=seeds)
+                self.metrics["identity_shuffled"].update(images_shuffled, concept.object_pixels)
+                columns += [images_shuffled.cpu(), other.refs[:1].expand(len(group), -1, -1, -1)]
+            size = images.shape[-2:]
+            columns = [F.interpolate(col.float(), size=size, mode="bilinear", antialias=True) for col in columns]
+            grid += list(torch.stack(columns, dim=1))  # one row per item
 
         for name, metric in self.metrics.items():
             value = metric.compute()  # sums the states over ranks
@@ -120,7 +137,9 @@ class IdentityEval(L.Callback):
             # Already equal on every rank; sync_dist only keeps Lightning's epoch-level bookkeeping uniform.
             pl_module.log(f"val/{name}", value.to(device), sync_dist=True)
         if trainer.is_global_zero and grid:
-            image = make_grid(torch.cat(grid[:self.grid_images]).cpu(), nrow=2, padding=2)
+            rows = grid[:self.grid_images]
+            image = make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2)
+            name = "val/reference_own_shuffled_other" if self.shuffled else "val/reference_generated"
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
-                    logger.experiment.add_image("val/identity_real_generated", image, trainer.global_step)
+                    logger.experiment.add_image(name, image, trainer.global_step)

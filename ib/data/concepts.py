@@ -17,6 +17,7 @@ class HeldOutConcept:
     class_noun: str
     refs: torch.Tensor   # (N, 3, S, S) in [0, 1]: the masked object crops the model is given
     reals: torch.Tensor  # (N, 3, H, W) uint8: the full images the metrics compare with
+    object_pixels: torch.Tensor  # (P, 3) uint8: the object's pixels in those images (under their masks)
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:
@@ -46,5 +47,6 @@ def read_held_out_concepts(urls: list[str], count: int, per_concept: int, size: 
         refs = prepare_references([s["image"] for s in samples], [s["mask"] for s in samples], size=size,
                                   fill=fill, field=field)
         concepts.append(HeldOutConcept(name, samples[0]["meta"]["class"], refs,
-                                       torch.stack([_chw(s["image"]) for s in samples])))
+                                       torch.stack([_chw(s["image"]) for s in samples]),
+                                       torch.from_numpy(np.concatenate([s["image"][s["mask"]] for s in samples]))))
     return concepts

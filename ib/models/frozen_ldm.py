@@ -8,7 +8,9 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, UNet2DConditionModel,
                        UniPCMultistepScheduler)
@@ -135,9 +137,15 @@ class FrozenLDM(nn.Module):
         # Weights: safetensors, else a .bin read with torch.load(weights_only=True) (diffusers always does;
         # transformers is told so), so a pickle that needs code to load is refused, never run.
         try:
-            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
-            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", weights_only=True)
+            # float32 whatever the files hold (transformers would keep a bf16 text encoder in bf16, diffusers
+            # would not): model.speed.frozen_dtype alone decides what the frozen parts compute in.
+            f32 = {"torch_dtype": torch.float32}
+            # No per-file progress bars: a load takes seconds, and its bars would clutter logs and one-line errors.
+            diffusers.utils.logging.disable_progress_bar()
+            transformers.utils.logging.disable_progress_bar()
+            unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **f32)
+            vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **f32)
+            text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", weights_only=True, **f32)
             tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
         except pickle.UnpicklingError as e:
