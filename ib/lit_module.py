@@ -123,10 +123,12 @@ class InstantBoothModule(L.LightningModule):
                 torch.manual_seed(self.val_seed + batch_idx)
                 loss = self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train)
             if name == "own":
+                own = loss
                 self.log("val/loss_own", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
             else:
                 self.shuffled_loss_sum += float(loss) * len(batch["caption"])
                 self.shuffled_loss_count += len(batch["caption"])
+        return own
 
     def on_validation_epoch_end(self):
         # Summed here, not by self.log: a rank whose batches each hold a single concept has nothing to log,

@@ -106,7 +106,7 @@ def test_dict_fields_on_the_command_line_are_yaml_scalars(tmp_path, synthetic_sh
     from ib.lit_module import InstantBoothModule
 
     cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
-                          args=["--config", str(run_config(tmp_path, synthetic_shards)),
+                          args=["--config", str(run_config(tmp_path, synthetic_shards, random_ldm=True)),
                                 "--model.ldm.scheduler.beta_end", "0.02", "--model.ldm.scheduler.clip_sample", "false",
                                 "--model.ldm.unet.layers_per_block", "2"])
     ldm = cli.model.model.ldm
@@ -128,7 +128,7 @@ def test_fit_gpu_without_one_real_process(tmp_path, synthetic_shards):
 
 @pytest.mark.slow
 def test_fit_at_an_image_size_other_than_the_unet_native_size(tmp_path, synthetic_shards):
-    """data.image_size 128 on the 64 px embedded UNet trains, and validation (image grid, identity metrics)
+    """data.image_size 128 on the 32 px embedded UNet trains, and validation (image grid, identity metrics)
     samples at the sampler's size with the target shown at that size: it crashed in torch.stack before."""
     config = run_config(tmp_path, synthetic_shards, max_steps=2)
     assert main(["fit", "--config", str(config), "--data.image_size", "128"]) == 0
@@ -136,7 +136,7 @@ def test_fit_at_an_image_size_other_than_the_unet_native_size(tmp_path, syntheti
     assert (run / "checkpoints" / "last.ckpt").is_file()
     (grid,) = (run / "tensorboard" / "images").glob("reference_target_generated_step*.png")
     from PIL import Image
-    assert Image.open(grid).size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)  # make_grid: 3 columns, 2 rows, padding 2
+    assert Image.open(grid).size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # make_grid: 3 columns, 2 rows, padding 2
 
 
 # --- ib generate / ib export / ib evaluate --------------------------------------------------------------------

@@ -42,25 +42,25 @@ def test_moments_are_the_vae_posterior_of_the_centre_crop_and_its_mirror(tmp_pat
 
     ldm = build_tiny_model().ldm  # the same random VAE: a function of the config's init_seed
     s = decode_sample(raw_out[5])
-    crop = target_transform(64, train=False)(image=s["image"])["image"]
+    crop = target_transform(32, train=False)(image=s["image"])["image"]
     x = torch.from_numpy(crop.transpose(2, 0, 1).copy()).float()[None] / 255
     with torch.no_grad():
         want = ldm.latent_moments(torch.cat([x, x.flip(-1)]))
     got = torch.from_numpy(s["latent_moments"].astype(np.float32))
-    assert got.shape == (2, 8, 16, 16)
+    assert got.shape == (2, 8, 8, 8)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # float16 storage
 
 
 def test_datamodule_pairs_flip_with_moments_and_training_skips_the_vae(tmp_path, synthetic_shards, monkeypatch):
     _, out = _encode(tmp_path, synthetic_shards / "train")
-    transform = SampleTransform(64, 64, "sks", ReferenceAugment(), train=True)
+    transform = SampleTransform(32, 32, "sks", ReferenceAugment(), train=True)
     s = decode_sample(_samples(out)[0])
     seen = set()
     for _ in range(12):  # the flip is random: both halves of the moments get used, each with its image
         ex = transform(s)
         flipped = bool(torch.equal(ex["latent_moments"], torch.from_numpy(s["latent_moments"][1])))
         assert flipped or torch.equal(ex["latent_moments"], torch.from_numpy(s["latent_moments"][0]))
-        crop = target_transform(64, train=False)(image=s["image"])["image"]
+        crop = target_transform(32, train=False)(image=s["image"])["image"]
         assert np.array_equal(ex["image"].numpy().transpose(1, 2, 0), crop[:, ::-1] if flipped else crop)
         seen.add(flipped)
     assert seen == {False, True}
@@ -72,7 +72,7 @@ def test_datamodule_pairs_flip_with_moments_and_training_skips_the_vae(tmp_path,
     dm = InstantBoothDataModule(train_shards=str(out), batch_size=2, batches_per_epoch=1)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["latent_moments"].shape == (2, 8, 16, 16) and batch["latent_moments"].dtype == torch.float16
+    assert batch["latent_moments"].shape == (2, 8, 8, 8) and batch["latent_moments"].dtype == torch.float16
     monkeypatch.undo()
     # Which VAE encodes happen inside a training step? On the plain shards some must (so the probe works);
     # on the latents shards none may (validation still encodes its plain val shards).
@@ -115,7 +115,7 @@ def test_bad_input_and_settings_mismatch_are_one_line_errors(tmp_path, synthetic
     report = json.loads((out / "latents.json").read_text())
     assert rc == 0 and report["skipped"] == 1 and report["kept"] == 8 and report["shards"]["bad.tar"]["kept"] == 0
     cfg = tmp_path / "other.yaml"
-    cfg.write_text("data: {image_size: 32}\n")
+    cfg.write_text("data: {image_size: 64}\n")
     rc, _ = _encode(tmp_path, shards, extra=["--config", str(cfg)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "other settings" in err[0]
@@ -124,11 +124,11 @@ def test_bad_input_and_settings_mismatch_are_one_line_errors(tmp_path, synthetic
 
 
 def test_latents_of_another_image_size_are_a_one_line_error_in_fit(tmp_path, synthetic_shards, capsys):
-    small = tmp_path / "small.yaml"
-    small.write_text("data: {image_size: 32}\n")
-    rc, out = _encode(tmp_path, synthetic_shards / "train", extra=["--config", str(small)])
+    large = tmp_path / "large.yaml"
+    large.write_text("data: {image_size: 64}\n")
+    rc, out = _encode(tmp_path, synthetic_shards / "train", extra=["--config", str(large)])
     assert rc == 0
     config = edit_config(run_config(tmp_path, synthetic_shards), {"data.train_shards": str(out)})
     assert cli_main(["fit", "--config", str(config), "--trainer.max_steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("ib: error: data.train_shards: latents.npy moments (8, 8, 8)") and "encode_latents" in err[-1]
+    assert err[-1].startswith("ib: error: data.train_shards: latents.npy moments (8, 16, 16)") and "encode_latents" in err[-1]

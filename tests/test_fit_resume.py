@@ -64,15 +64,15 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, synthetic_
     """The config changed the UNet width but the run folder holds the old last.ckpt: refuse in one line.
     (`--ckpt_path last`, as `make train` does: with an explicit file LightningCLI takes the model config
     from the checkpoint's hyper-parameters instead.)"""
-    config = run_config(tmp_path, synthetic_shards, max_steps=2)
+    config = run_config(tmp_path, synthetic_shards, random_ldm=True, max_steps=2)  # the UNet from the config
     assert main(["fit", "--config", str(config)]) == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    wider = edit_config(config, fields={"model.ldm.unet.block_out_channels": [64, 128]}, out=tmp_path / "wider.yaml")
+    wider = edit_config(config, fields={"model.ldm.unet.block_out_channels": [96, 128]}, out=tmp_path / "wider.yaml")
     capsys.readouterr()
     assert main(["fit", "--config", str(wider), "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ib: error: checkpoint: weights do not fit this model:"), err[-3:]
-    assert "expected (64," in err[-1]
+    assert "expected (96," in err[-1]
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 2  # left alone
 
 
@@ -140,7 +140,8 @@ def test_resume_applies_changed_learning_rates_and_carries_skip_counts(tmp_path,
         for i in range(8):
             sink.write({"__key__": f"bad{i}", "jpg": b"not a jpeg", "png": b"x", "txt": "a ball", "json": "{}"})
     config = edit_config(run_config(tmp_path, synthetic_shards, max_steps=3, val_check_interval=1000),
-                         fields={"data.train_shards": str(shards), "model.optim.warmup_steps": 0})
+                         fields={"data.train_shards": str(shards), "model.optim.warmup_steps": 0,
+                                 "model.optim.lr_heads": 1e-3, "model.optim.lr_adapters": 1e-4})
     first = RecordTraining()
     cli = InstantBoothCLI(InstantBoothModule, InstantBoothDataModule, run=False,
                           save_config_kwargs={"overwrite": True}, args=["--config", str(config)])

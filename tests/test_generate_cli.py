@@ -44,9 +44,9 @@ def test_generate_writes_images_and_settings(tmp_path, weights, photos, capsys):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["seed000005.png", "seed000006.png", "seed000007.png"]
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["sampling"]["beta"] == 0.5 and settings["sampling"]["alpha"] == 0.4
+    assert settings["sampling"]["beta"] == 0.5 and settings["sampling"]["alpha"] == default_config()["model"]["sampling"]["alpha"]
     assert settings["sampling"]["steps"] == 2 and settings["seeds"] == [5, 6, 7] and len(settings["refs"]) == 3
-    assert Image.open(out / pngs[0]).size == (64, 64)
+    assert Image.open(out / pngs[0]).size == (32, 32)
     assert settings["speed"] == "off"  # the CPU default: exactly as trained
 
 

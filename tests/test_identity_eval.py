@@ -75,8 +75,8 @@ def test_two_ddp_processes_share_the_work_and_agree_with_one(tmp_path, synthetic
         events = _tensorboard(folder / "run")
         values[devices] = {tag: events.Scalars(tag)[-1].value for tag in METRICS + COLOUR}
         rows[devices] = events.Images(GRID)[-1].height
-    # rank 0's grid shows its own share: 3 rows (reference, own, shuffled, other) of 64 px + padding, against all 6
-    assert (rows[1], rows[2]) == (6 * 66 + 2, 3 * 66 + 2)
+    # rank 0's grid shows its own share: 3 rows (reference, own, shuffled, other) of 32 px + padding, against all 6
+    assert (rows[1], rows[2]) == (6 * 34 + 2, 3 * 34 + 2)
     for tag in METRICS + COLOUR:
         assert values[2][tag] == pytest.approx(values[1][tag], abs=1e-4), tag
 

@@ -101,7 +101,7 @@ def test_beta_zero_without_identifier_equals_plain_stable_diffusion(model, refs)
                                  feature_extractor=None, requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
     pipe.set_progress_bar_config(disable=True)
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     prompts = ["a photo of a toy on the grass", "a red ball"]
     plain = sd(prompts, latents=latents, num_inference_steps=4, guidance_scale=7.5, output_type="pt").images
     ours = pipe(prompts, refs, beta=0.0, latents=latents, num_inference_steps=4, guidance_scale=7.5,
@@ -118,7 +118,7 @@ def test_any_diffusers_scheduler_samples(model, refs, scheduler):
     pipe = InstantBoothPipeline.from_model(model)
     pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     images = run(pipe, refs)
-    assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
     # Image i depends on its seed only (up to batch-size-dependent rounding in the kernels).
     torch.testing.assert_close(run(pipe, refs, seeds=(2,))[0], images[1], rtol=0, atol=1e-4)
 
@@ -128,8 +128,8 @@ def test_output_types(model, refs):
     pipe.set_progress_bar_config(disable=True)
     pil = pipe(PROMPT, refs, num_inference_steps=2, generator=seeded([0])).images
     arr = pipe(PROMPT, refs, num_inference_steps=2, generator=seeded([0]), output_type="np").images
-    assert isinstance(pil[0], Image.Image) and pil[0].size == (64, 64)
-    assert arr.shape == (1, 64, 64, 3) and np.array_equal(np.asarray(pil[0]), (arr[0] * 255).round().astype(np.uint8))
+    assert isinstance(pil[0], Image.Image) and pil[0].size == (32, 32)
+    assert arr.shape == (1, 32, 32, 3) and np.array_equal(np.asarray(pil[0]), (arr[0] * 255).round().astype(np.uint8))
 
 
 def test_references_as_paths_pil_arrays_and_masks_agree(model, refs, tmp_path):
@@ -158,7 +158,7 @@ def test_references_as_paths_pil_arrays_and_masks_agree(model, refs, tmp_path):
     (lambda p, r: p(PROMPT, r, reference_masks=[np.ones((5, 5), bool)] * 2), "reference_masks: mask 0 is 5x5, its image"),
     (lambda p, r: p(PROMPT, r, reference_masks="no-such-backend"), "reference_masks: unknown mask backend"),
     (lambda p, r: p(PROMPT, [np.full((8, 8, 3), 2.0)]), "reference_images: pixels must be uint8, or float in [0, 1]"),
-    (lambda p, r: p(PROMPT, torch.rand(1, 2, 3, 5, 5)), "reference_images: prepared references must be (B, N, 3, 64, 64)"),
+    (lambda p, r: p(PROMPT, torch.rand(1, 2, 3, 5, 5)), "reference_images: prepared references must be (B, N, 3, 32, 32)"),
     (lambda p, r: p(PROMPT, r, beta=2.0), "beta: must be in [0, 1]"),
     (lambda p, r: p(PROMPT, r, num_inference_steps=0), "num_inference_steps: must be >= 1"),
     (lambda p, r: p(PROMPT, r, height=50), "height: must be a positive multiple of 4"),
@@ -232,7 +232,7 @@ def test_load_instantbooth_shares_the_unet_and_leaves_plain_sd_working(model, we
                                  scheduler=DDIMScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
                                  feature_extractor=None, requires_safety_checker=False)
     sd.set_progress_bar_config(disable=True)
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     before = sd("a red ball", latents=latents, num_inference_steps=3, output_type="pt").images
     params_before = sum(p.numel() for p in sd.unet.parameters())
 

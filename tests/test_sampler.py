@@ -28,29 +28,29 @@ def test_beta_zero_without_concept_is_plain_stable_diffusion_sampling():
     _open_gates(model)  # trained-looking adapters: β = 0 must still switch them off exactly
     prompts = ["a photo of a sks ball on the beach", "a sks box in the snow"]
     cfg = SamplingConfig(steps=4, guidance_scale=3.0, beta=0.0, use_concept=False)
-    ours = sample(model, torch.rand(2, 3, 3, 64, 64), prompts, cfg, seeds=[7, 8])
+    ours = sample(model, torch.rand(2, 3, 3, 32, 32), prompts, cfg, seeds=[7, 8])
 
     ldm = model.ldm
     pipe = StableDiffusionPipeline(vae=ldm.vae, text_encoder=ldm.text_encoder, tokenizer=ldm.tokenizer, unet=ldm.unet,
                                    scheduler=ldm.sampling_scheduler("ddim"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    latents = randn_tensor((2, 4, 16, 16), generator=seeded([7, 8]), device=torch.device("cpu"), dtype=torch.float32)
+    latents = randn_tensor((2, 4, 8, 8), generator=seeded([7, 8]), device=torch.device("cpu"), dtype=torch.float32)
     plain = pipe(prompt_embeds=model.encode_prompts(prompts), negative_prompt_embeds=model.encode_prompts(["", ""]),
-                 latents=latents, num_inference_steps=4, guidance_scale=3.0, output_type="pt", height=64, width=64).images
+                 latents=latents, num_inference_steps=4, guidance_scale=3.0, output_type="pt", height=32, width=32).images
     assert torch.equal(ours, plain)
 
     # With β > 0 the open adapters change the result: the comparison above can fail.
-    assert not torch.equal(sample(model, torch.rand(2, 3, 3, 64, 64), prompts, SamplingConfig(steps=4, guidance_scale=3.0, beta=0.3, use_concept=False), seeds=[7, 8]), plain)
+    assert not torch.equal(sample(model, torch.rand(2, 3, 3, 32, 32), prompts, SamplingConfig(steps=4, guidance_scale=3.0, beta=0.3, use_concept=False), seeds=[7, 8]), plain)
 
 
 @pytest.mark.parametrize("n_refs", [1, 2, 5])
 @torch.no_grad()
 def test_any_number_of_references(n_refs):
     model = build_tiny_model()
-    refs = torch.rand(2, n_refs, 3, 64, 64)
+    refs = torch.rand(2, n_refs, 3, 32, 32)
     concept, visual = model.encode_references(refs)
-    tokens = (64 // 16) ** 2 + 1  # tiny ViT: 4x4 patches + CLS
+    tokens = (32 // 8) ** 2 + 1  # the default ViT: 4x4 patches of 8 px + CLS
     assert concept.shape == (2, model.ldm.text_width)
     assert visual.shape == (2, n_refs * tokens, model.ldm.unet.config.cross_attention_dim)
     # Concept vectors are averaged over references, patch tokens concatenated in order.
@@ -58,7 +58,7 @@ def test_any_number_of_references(n_refs):
     torch.testing.assert_close(concept, torch.stack([c for c, _ in single]).mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(visual, torch.cat([v for _, v in single], dim=1))
     out = sample(model, refs, ["a sks ball"] * 2, SamplingConfig(steps=2), seeds=[0, 1])
-    assert out.shape == (2, 3, 64, 64) and 0 <= out.min() and out.max() <= 1
+    assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
 
 
 @torch.no_grad()
@@ -78,7 +78,7 @@ def test_alpha_scales_the_injected_concept_exactly():
 def test_seed_fixes_each_image_independently_of_batch():
     model = build_tiny_model()
     _open_gates(model)
-    refs = torch.rand(1, 2, 3, 64, 64)
+    refs = torch.rand(1, 2, 3, 32, 32)
     cfg = SamplingConfig(steps=2)
     both = sample(model, refs.expand(2, -1, -1, -1, -1), ["a sks ball"] * 2, cfg, seeds=[3, 4])
     alone = sample(model, refs, ["a sks ball"], cfg, seeds=[4])
@@ -94,7 +94,7 @@ def test_export_load_gives_the_same_images(tmp_path):
     path = export_weights(model, tmp_path / "w.safetensors", sampling=default_config()["model"]["sampling"])
     loaded, hparams = load_model(path)
     assert hparams["identifier"] == "sks"
-    refs, cfg = torch.rand(1, 2, 3, 64, 64), SamplingConfig(steps=3)
+    refs, cfg = torch.rand(1, 2, 3, 32, 32), SamplingConfig(steps=3)
     assert torch.equal(sample(model.eval(), refs, ["a sks kite"], cfg, [5]), sample(loaded, refs, ["a sks kite"], cfg, [5]))
 
 
@@ -107,7 +107,7 @@ def test_without_uncond_adapters_the_unconditional_half_is_the_frozen_model_and_
     hooks = [unet.register_forward_hook(lambda m, args, kwargs, out: calls.append((args, kwargs, out.sample)),
                                         with_kwargs=True),
              model.adapters[0].attn.to_q.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))]
-    sample(model, torch.rand(2, 2, 3, 64, 64), ["a sks ball", "a sks box"],
+    sample(model, torch.rand(2, 2, 3, 32, 32), ["a sks ball", "a sks box"],
            SamplingConfig(steps=3, guidance_scale=3.0, beta=0.5), seeds=[0, 1])
     for h in hooks:
         h.remove()
@@ -126,11 +126,13 @@ def test_every_scheduler_samples_by_seed(scheduler):
     for the ancestral ones (ddpm, euler_a), whose per-step noise comes from the image's own generator."""
     model = build_tiny_model()
     _open_gates(model)
-    refs = torch.rand(2, 1, 3, 64, 64)
+    refs = torch.rand(2, 1, 3, 32, 32)
     cfg = SamplingConfig(scheduler=scheduler, steps=3, guidance_scale=3.0)
     both = sample(model, refs, ["a sks ball", "a sks box"], cfg, seeds=[3, 4])
-    assert both.shape == (2, 3, 64, 64) and torch.isfinite(both).all()
+    assert both.shape == (2, 3, 32, 32) and torch.isfinite(both).all()
     alone = sample(model, refs[1:], ["a sks box"], cfg, seeds=[4])
-    torch.testing.assert_close(alone[0], both[1], rtol=0, atol=1e-5)
+    # Up to the float noise of batched matrix products (1e-5 on this model); noise from the wrong generator
+    # would move pixels by tenths.
+    torch.testing.assert_close(alone[0], both[1], rtol=0, atol=1e-4)
     torch.manual_seed(123)  # the global generator plays no part
     assert torch.equal(sample(model, refs, ["a sks ball", "a sks box"], cfg, seeds=[3, 4]), both)

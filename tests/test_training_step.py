@@ -28,7 +28,7 @@ def test_optimizer_steps_touch_only_trainable_parameters():
     assert [g["lr"] for g in opt.param_groups] != [0, 0]
 
     torch.manual_seed(0)
-    images, refs = torch.rand(2, 3, 64, 64), torch.rand(2, 1, 3, 64, 64)
+    images, refs = torch.rand(2, 3, 32, 32), torch.rand(2, 1, 3, 32, 32)
     captions = ["a photo of a sks ball on the grass", "a sks box in the snow"]
     module.train()
     for _ in range(2):  # the gates start at 0, so the adapters' inner weights get signal from step 2

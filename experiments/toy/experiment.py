@@ -162,7 +162,6 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int)
     p.set_defaults(**{k: v for k, v in cfg.items() if k != "identity_at"})
     a = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     exp = Experiment(a.weights, a.data, a.num_refs, a.timesteps, a.seed)
     losses = exp.losses()
     at = cfg["identity_at"]

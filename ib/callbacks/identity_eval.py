@@ -13,6 +13,7 @@ from itertools import groupby
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid
@@ -61,7 +62,7 @@ class IdentityEval(L.Callback):
                 raise ConfigError(f"{FIELD}.prompts: '{p}': only {{identifier}} and {{class}} are filled in") from e
         self.prompts, self.num_concepts, self.references = list(prompts), concepts, references
         self.images_per_prompt, self.seed, self.grid_images = images_per_prompt, seed, grid_images
-        self.shuffled = shuffled and concepts >= 2
+        self.shuffled = shuffled
         self.sampling_overrides = dict(sampling or {})
         unknown = set(self.sampling_overrides) - set(SamplingConfig.__dataclass_fields__)
         if unknown:
@@ -103,7 +104,11 @@ class IdentityEval(L.Callback):
         self.metrics = {k: m.to(device) for k, m in self.metrics.items()}
         if self.concepts is None:
             self.concepts = self._load_concepts(trainer, pl_module)
+            if len(self.concepts) < self.num_concepts:
+                rank_zero_info(f"{FIELD}: {self.num_concepts} concepts asked, the validation shards hold "
+                               f"{len(self.concepts)}: scoring those")
         cfg = replace(pl_module.sampling, **self.sampling_overrides)
+        shuffled = self.shuffled and len(self.concepts) > 1  # one concept has no other to borrow from
         items = [(c, template.format(identifier=model.identifier, **{"class": concept.class_noun}))
                  for c, concept in enumerate(self.concepts) for template in self.prompts
                  for _ in range(self.images_per_prompt)]
@@ -122,7 +127,7 @@ class IdentityEval(L.Callback):
             self.metrics["clip_t"].update(images, prompts)
             self.metrics["identity_own"].update(images, concept.object_pixels)
             columns = [concept.refs[:1].expand(len(group), -1, -1, -1), images.cpu()]
-            if self.shuffled:
+            if shuffled:
                 other_refs = other.refs.to(device)[None].expand(len(group), *other.refs.shape)
                 images_shuffled = generate(pipe, other_refs, prompts, cfg, seeds=seeds)
                 self.metrics["identity_shuffled"].update(images_shuffled, concept.object_pixels)
@@ -132,6 +137,8 @@ class IdentityEval(L.Callback):
             grid += list(torch.stack(columns, dim=1))  # one row per item
 
         for name, metric in self.metrics.items():
+            if name == "identity_shuffled" and not shuffled:
+                continue
             value = metric.compute()  # sums the states over ranks
             metric.reset()
             # Already equal on every rank; sync_dist only keeps Lightning's epoch-level bookkeeping uniform.
@@ -139,7 +146,7 @@ class IdentityEval(L.Callback):
         if trainer.is_global_zero and grid:
             rows = grid[:self.grid_images]
             image = make_grid(torch.cat(rows), nrow=len(rows[0]), padding=2)
-            name = "val/reference_own_shuffled_other" if self.shuffled else "val/reference_generated"
+            name = "val/reference_own_shuffled_other" if shuffled else "val/reference_generated"
             for logger in trainer.loggers:
                 if hasattr(logger.experiment, "add_image"):
                     logger.experiment.add_image(name, image, trainer.global_step)

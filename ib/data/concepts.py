@@ -26,8 +26,9 @@ def _chw(image: np.ndarray) -> torch.Tensor:
 
 def read_held_out_concepts(urls: list[str], count: int, per_concept: int, size: int,
                            fill: int = ReferenceAugment.fill, field: str = "data.val_shards") -> list[HeldOutConcept]:
-    """The first `count` concepts of the shards, `per_concept` samples each, references at `size`. Every rank
-    reads the same concepts (no node splitting); shards are read in order and only as far as needed."""
+    """The first `count` concepts of the shards (all of them when they hold fewer), `per_concept` samples each,
+    references at `size`. Every rank reads the same concepts (no node splitting); shards are read in order and
+    only as far as needed."""
     groups: dict[str, list[dict]] = {}
     for raw in wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                               empty_check=False, handler=wds.warn_and_continue):
@@ -39,8 +40,8 @@ def read_held_out_concepts(urls: list[str], count: int, per_concept: int, size: 
         first = list(groups.values())[:count]
         if len(first) == count and all(len(g) >= per_concept for g in first):
             break
-    if len(groups) < count:
-        raise ConfigError(f"{field}: {count} held-out concepts asked, the shards hold {len(groups)}")
+    if not groups:
+        raise ConfigError(f"{field}: held-out concepts asked, the shards hold none")
     concepts = []
     for name, samples in list(groups.items())[:count]:
         samples = samples[:per_concept]
