@@ -72,7 +72,6 @@ class InstantBoothModule(L.LightningModule):
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
-        self.shuffled_loss_sum, self.shuffled_loss_count = 0.0, 0  # this validation's, this rank's
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters, speed=self.speed)
 
@@ -113,29 +112,30 @@ class InstantBoothModule(L.LightningModule):
         return self.model.ldm.latents_from_moments(moments)
 
     def validation_step(self, batch, batch_idx):
-        # Fixed noise and timesteps per batch: validation curves compare like with like. The same loss with
-        # another concept's references (loss_shuffled) shows how much the model takes from its references.
+        # The same loss with another concept's references (loss_shuffled) shows how much the model takes from its
+        # references; both see the same noise and timesteps.
+        n = len(batch["caption"])
+        loss = self._fixed_noise_loss(batch, batch["refs"], batch_idx)
+        self.log("val/loss_own", loss, prog_bar=True, sync_dist=True, batch_size=n)
         partner = other_concept(batch["concept"])
-        for name, refs in (("own", batch["refs"]), ("shuffled", None if partner is None else batch["refs"][partner])):
-            if refs is None:
-                continue
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(self.val_seed + batch_idx)
-                loss = self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train)
-            if name == "own":
-                own = loss
-                self.log("val/loss_own", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["caption"]))
-            else:
-                self.shuffled_loss_sum += float(loss) * len(batch["caption"])
-                self.shuffled_loss_count += len(batch["caption"])
-        return own
+        if partner is not None:
+            shuffled = self._fixed_noise_loss(batch, batch["refs"][partner], batch_idx)
+            self.shuffled_loss += torch.stack([shuffled.detach() * n, torch.tensor(float(n), device=self.device)])
+        return loss
+
+    def _fixed_noise_loss(self, batch, refs, batch_idx):
+        """Fixed noise and timesteps per batch: validation curves compare like with like."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.val_seed + batch_idx)
+            return self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train)
+
+    def on_validation_epoch_start(self):
+        self.shuffled_loss = torch.zeros(2, device=self.device)  # this rank's (sum, count)
 
     def on_validation_epoch_end(self):
         # Summed here, not by self.log: a rank whose batches each hold a single concept has nothing to log,
         # and every rank must still meet in the same collective.
-        total, count = self.trainer.strategy.reduce(
-            torch.tensor([self.shuffled_loss_sum, self.shuffled_loss_count], device=self.device), reduce_op="sum").tolist()
-        self.shuffled_loss_sum = self.shuffled_loss_count = 0
+        total, count = self.trainer.strategy.reduce(self.shuffled_loss, reduce_op="sum").tolist()
         if count > 0:
             self.log("val/loss_shuffled", total / count)
 

@@ -59,6 +59,7 @@ def test_the_default_run_transfers_identity_to_held_out_concepts(tmp_path, monke
     out, ckpt = tmp_path / "experiment", run / "checkpoints" / "last.ckpt"
     assert experiment_main(["--weights", str(ckpt), "--data", str(world / "val"), "--out", str(out),
                             "--prompts-per-concept", "1", "--sample-steps", "4", "--timesteps", "100", "400", "700"]) == 0
+    assert torch.is_grad_enabled()  # the measurement leaves the process as it found it (it used to switch autograd off)
     report = json.loads((out / "report.json").read_text())
     summary = {k: round(v, 5) for k, v in report.items() if isinstance(v, float)}
     assert not shortfalls(report), (shortfalls(report), summary)
