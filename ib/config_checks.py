@@ -10,7 +10,6 @@ import argparse
 import inspect
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -21,42 +20,13 @@ from lightning.pytorch.accelerators import AcceleratorRegistry
 
 from ib.data.shards import resolve_shards
 from ib.errors import ConfigError
+from ib.ranges import check_ranges
 from ib.models.frozen_ldm import LDMConfig, missing_pretrained_folder
 from ib.models.image_encoder import ImageEncoderConfig, missing_checkpoint_file
 from ib.models.sampler import SamplingConfig, check_sampling
 from ib.models.speed import SpeedConfig, check_speed
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # the targets InstantBooth.training_loss implements
-
-
-def _between(lo, hi, lo_open=False, hi_open=False):
-    def ok(v):
-        return (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
-    text = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
-    return ok, f"must be in {text}"
-
-
-def _at_least(lo):
-    return (lambda v: v >= lo), f"must be >= {lo}"
-
-
-# field -> (test, what the message says). Learning rates above 1 are typos, not settings.
-RANGES = {
-    "model.optim.lr_heads": _between(0, 1, lo_open=True),
-    "model.optim.lr_adapters": _between(0, 1, lo_open=True),
-    "model.optim.weight_decay": _at_least(0),
-    "model.optim.warmup_steps": _at_least(0),
-    "model.beta_train": _between(0, 1, lo_open=True),  # 0 would switch the adapters off: nothing to train
-    "model.cond_dropout": _between(0, 1, hi_open=True),
-    "model.max_nonfinite_steps": _at_least(1),
-    "data.batch_size": _at_least(1),
-    "data.val_batch_size": _at_least(1),
-    "data.batches_per_epoch": _at_least(1),
-    "data.val_batches": _at_least(1),
-    "data.image_size": _at_least(1),
-    "data.reference_size": _at_least(1),
-    "data.loader.num_workers": _at_least(0),
-}
 
 
 def _get(cfg: Namespace, key: str):
@@ -144,11 +114,11 @@ def check_noise_schedule(scheduler: dict, field: str = "model.ldm.scheduler") ->
         value = scheduler.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{field}.{key}: expected a number, got {value!r}")
+    unknown = sorted(set(scheduler) - set(inspect.signature(DDPMScheduler).parameters))
+    if unknown:
+        raise ConfigError(f"{field}.{unknown[0]}: unknown key")
     try:
         sched = DDPMScheduler(**scheduler)
-    except TypeError as e:
-        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        raise ConfigError(f"{field}.{unknown.group(1)}: unknown key" if unknown else f"{field}: {_one_line(e)}") from e
     except NotImplementedError as e:
         raise ConfigError(f"{field}.beta_schedule: unknown '{scheduler.get('beta_schedule')}' "
                           "(not implemented by diffusers' DDPMScheduler)") from e
@@ -167,11 +137,11 @@ def check_noise_schedule(scheduler: dict, field: str = "model.ldm.scheduler") ->
         raise ConfigError(f"{field}: the schedule's betas must lie in (0, 1)")
 
 
-def check_config(cfg: Namespace) -> None:
-    for key, (ok, must) in RANGES.items():
-        value = _get(cfg, key)
-        if value is not None and not ok(value):
-            raise ConfigError(f"{key}: {must}, got {value}")
+def check_config(cfg: Namespace, sections: dict[str, type]) -> None:
+    """sections: {"model": the LightningModule class, ...}: the ranges declared on their fields (ib.ranges);
+    a callback's fields sit under its init_args."""
+    for key, cls in sections.items():
+        check_ranges(cls, _get(cfg, key), f"{key.replace('.init_args', '')}.")
     identifier = _get(cfg, "model.identifier")
     if identifier is not None and not identifier.strip():
         raise ConfigError("model.identifier: must not be empty")
@@ -209,8 +179,17 @@ def check_config(cfg: Namespace) -> None:
 class OneLineParser(argparse.ArgumentParser):
     """A bad or missing flag is a ConfigError naming it (one line, exit 2), not usage text."""
 
-    def error(self, message):
-        raise ConfigError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, exit_on_error=False, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        try:
+            return super().parse_args(args, namespace)
+        except argparse.ArgumentError as e:  # a bad value: the flag is known
+            raise ConfigError(f"{e.argument_name}: {e.message}") from e
+
+    def error(self, message):  # missing or unknown flags: argparse names them in the message
+        raise ConfigError(message)
 
 
 def check_creatable_folder(folder: Path, flag: str) -> None:

@@ -26,13 +26,14 @@ from ib.data.references import prepare_references  # noqa: E402
 from ib.atomic_write import atomic_path, write_json  # noqa: E402
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
-from ib.generate import add_model_arguments, load_pipeline, sampling_from_args  # noqa: E402
+from ib.generate import add_model_arguments, load_pipeline, sampling_from_args, sampling_type  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.identifier import strip_identifier  # noqa: E402
 from ib.models.sampler import SCHEDULERS, SamplingConfig  # noqa: E402
 from ib.models.speed import check_speed_preset, default_preset  # noqa: E402
 from ib.pipeline import WEIGHTS_FILE, generate  # noqa: E402
+from ib.ranges import PositiveInt, argument_type  # noqa: E402
 
 SETTINGS_FILE = "settings.json"
 REPORT_FILE = "report.json"
@@ -43,15 +44,16 @@ def build_parser() -> OneLineParser:
     add_model_arguments(p)
     p.add_argument("--data", required=True, help="a DreamBench-layout folder (subject folders + prompts_and_classes.txt)")
     p.add_argument("--out", required=True, help="folder for the generated images and report.json")
-    p.add_argument("--max-subjects", type=int, help="the first N subjects (sorted as in the prompts file)")
-    p.add_argument("--max-prompts", type=int, help="the first N prompts of each subject")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (DreamBooth: 4)")
+    p.add_argument("--max-subjects", type=argument_type(PositiveInt),
+                   help="the first N subjects (sorted as in the prompts file)")
+    p.add_argument("--max-prompts", type=argument_type(PositiveInt), help="the first N prompts of each subject")
+    p.add_argument("--num-images", type=argument_type(PositiveInt), default=4, help="images per prompt (DreamBooth: 4)")
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
     g = p.add_argument_group("sampler (default: the settings stored with the weights)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--beta", type=float, help="adapter strength at inference (paper: 0.3)")
-    g.add_argument("--alpha", type=float, help="concept renormalization (paper: 0.4)")
-    g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--steps", type=sampling_type("steps"))
+    g.add_argument("--beta", type=sampling_type("beta"), help="adapter strength at inference (paper: 0.3)")
+    g.add_argument("--alpha", type=sampling_type("alpha"), help="concept renormalization (paper: 0.4)")
+    g.add_argument("--guidance-scale", type=sampling_type("guidance_scale"))
     g.add_argument("--scheduler", choices=SCHEDULERS)
     b = p.add_argument_group("metric backbones (default: CLIP ViT-B-32 'openai' and DINO ViT-S/16)")
     b.add_argument("--backbones", help="YAML with `clip:` and `dino:` sections (fields of ClipBackboneConfig / "
@@ -61,13 +63,6 @@ def build_parser() -> OneLineParser:
     b.add_argument("--dino-model", help="timm architecture")
     b.add_argument("--dino-weights", help="DINO checkpoint file (original layout, e.g. dino_deitsmall16_pretrain.pth, or timm's)")
     return p
-
-
-def _positive(args, *names):
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1, got {value}")
 
 
 def _looks_like_file(value: str) -> bool:
@@ -161,7 +156,6 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def evaluate(args) -> dict:
-    _positive(args, "max_subjects", "max_prompts", "num_images", "steps")
     if not Path(args.weights).exists():  # checked again on loading; here to fail before anything is built
         raise ConfigError(f"--weights: file not found: {args.weights}")
     check_creatable_folder(Path(args.out), "--out")

@@ -1,5 +1,4 @@
 """`ib fit|validate`: the LightningCLI of InstantBooth, with its checks and one-line errors."""
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -30,7 +29,8 @@ class InstantBoothCLI(RunCLI):
     def before_instantiate_classes(self):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         parse_dict_scalars(cfg)  # in place: the classes are built from this namespace
-        check_config(cfg)
+        check_config(cfg, {"model": InstantBoothModule, "data": InstantBoothDataModule,
+                           "identity_eval.init_args": IdentityEval})
         super().before_instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
@@ -38,24 +38,6 @@ class InstantBoothCLI(RunCLI):
         if cfg.get("identity_eval") is not None:
             kwargs["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), cfg["identity_eval"]]
         return super().instantiate_trainer(**kwargs)
-
-
-def _parser_error(e: ArgumentError) -> str:
-    """jsonargparse's nested multi-line report -> 'model.optim.lr_heads: Expected a float. Got value: fast'."""
-    text = str(e)
-    keys = re.findall(r'Parser key "([^"]+)":', text)
-    if not keys:
-        return one_line(e)
-    field = keys[0]
-    for key in keys[1:]:  # inner keys are relative to the outer one
-        field = key if key.startswith(field + ".") else f"{field}.{key}"
-    unknown = re.search(r"Option '([^']+)' is not accepted", text)
-    if unknown:
-        return f"{field}.{unknown.group(1)}: unknown key"
-    after = text.split(f'Parser key "{keys[-1]}":', 1)[1].splitlines()
-    reason = next((l.strip(" -") for l in after if l.strip(" -")), "invalid value")
-    reason = re.sub(r"Expected an? <class '([\w.]+)'>", r"expected \1", reason)
-    return f"{field}: {reason}"
 
 
 def _config_error(e: BaseException | None) -> ConfigError | None:
@@ -100,7 +82,9 @@ def run(args: list[str]) -> int:
                         save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     except ArgumentError as e:
         cause = _config_error(e)
-        raise ConfigError(one_line(cause) if cause else _parser_error(e)) from e
+        # Otherwise jsonargparse's own report, which names the key ('Parser key "data.batch_size": Expected a
+        # <class 'int'>. Got value: two'), spread over lines: kept whole, on one.
+        raise ConfigError(one_line(cause) if cause else " ".join(str(e).split())) from e
     except NonFiniteLossError as e:
         print(f"ib: error: {e}", file=sys.stderr)
         return 1

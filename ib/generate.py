@@ -19,6 +19,7 @@ from ib.data.references import prepare_references
 from ib.models.sampler import SCHEDULERS, SamplingConfig, check_sampling
 from ib.models.speed import SPEED_HELP, SPEED_PRESETS, check_speed_preset, default_preset
 from ib.pipeline import InstantBoothPipeline, generate
+from ib.ranges import PositiveInt, argument_type
 from ib.weights import load_model
 
 
@@ -43,6 +44,11 @@ def load_pipeline(args, speed: str, device) -> InstantBoothPipeline:
     return pipe.to(device)
 
 
+def sampling_type(field: str):
+    """The argparse type of a sampler flag: the range of SamplingConfig's field."""
+    return argument_type(SamplingConfig, field)
+
+
 def parser() -> OneLineParser:
     p = OneLineParser(prog="ib generate", description=__doc__.splitlines()[0])
     add_model_arguments(p)
@@ -51,16 +57,17 @@ def parser() -> OneLineParser:
     p.add_argument("--mask-backend", help="compute masks for --ref without --mask (e.g. grabcut; see ib.data.masks)")
     p.add_argument("--prompt", required=True, help="must contain the identifier the model was trained with")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--num-images", type=argument_type(PositiveInt), default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--beta", type=float, help="adapter strength (balanced sampling; default from the weights' config)")
-    p.add_argument("--alpha", type=float, help="concept renormalization factor")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--beta", type=sampling_type("beta"),
+                   help="adapter strength (balanced sampling; default from the weights' config)")
+    p.add_argument("--alpha", type=sampling_type("alpha"), help="concept renormalization factor")
+    p.add_argument("--steps", type=sampling_type("steps"))
+    p.add_argument("--guidance-scale", type=sampling_type("guidance_scale"))
     p.add_argument("--scheduler", choices=SCHEDULERS)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--height", type=sampling_type("height"))
+    p.add_argument("--width", type=sampling_type("width"))
+    p.add_argument("--batch-size", type=argument_type(PositiveInt), default=4)
     return p
 
 
@@ -79,9 +86,6 @@ def sampling_from_args(base: SamplingConfig, args, vae_factor: int | None = None
 
 
 def run(args) -> list[Path]:
-    for name in ("num_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"{flag(name)}: must be >= 1, got {getattr(args, name)}")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
     check_creatable_folder(args.out, "--out")
     device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))

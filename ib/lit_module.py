@@ -1,5 +1,6 @@
 """The LightningModule: wiring only. The maths lives in ib.models."""
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import lightning as L
 import torch
@@ -14,16 +15,17 @@ from ib.models.sampler import SamplingConfig
 from ib.models.speed import SpeedConfig, check_speed
 from ib.nonfinite import NonFiniteGuard
 from ib.pipeline import InstantBoothPipeline, generate
+from ib.ranges import LearningRate, NonNegativeFloat, NonNegativeInt, PositiveInt, Probability, Range, check_arguments
 from ib.weights import load_trainable
 
 
 @dataclass
 class OptimConfig:
     """AdamW with one learning rate for the two heads and one for the adapters (paper: 1e-4 / 1e-6)."""
-    lr_heads: float = 1e-4
-    lr_adapters: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    lr_heads: LearningRate = 1e-4
+    lr_adapters: LearningRate = 1e-6
+    weight_decay: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
 
 
 def _as(cls, value):
@@ -48,19 +50,17 @@ class InstantBoothModule(L.LightningModule):
     """
 
     def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
-                 uncond_adapters: bool = True, optim: OptimConfig | None = None, beta_train: float = 1.0,
-                 cond_dropout: float = 0.1, sampling: SamplingConfig | None = None, val_seed: int = 0,
-                 max_nonfinite_steps: int = 10, speed: SpeedConfig | None = None):
+                 uncond_adapters: bool = True, optim: OptimConfig = OptimConfig(),
+                 beta_train: Annotated[float, Range(gt=0, le=1)] = 1.0,  # 0 switches the adapters off: nothing to train
+                 cond_dropout: Probability = 0.1, sampling: SamplingConfig = SamplingConfig(), val_seed: int = 0,
+                 max_nonfinite_steps: PositiveInt = 10, speed: SpeedConfig = SpeedConfig()):
+        check_arguments(InstantBoothModule, locals(), "model.")
         super().__init__()
         ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
         self.optim, self.sampling = _as(OptimConfig, optim), _as(SamplingConfig, sampling)
         self.speed = _as(SpeedConfig, speed)
         if not identifier.strip():
             raise ConfigError("model.identifier: must not be empty")
-        if not 0.0 <= cond_dropout < 1.0:
-            raise ConfigError(f"model.cond_dropout: must be in [0, 1), got {cond_dropout}")
-        if max_nonfinite_steps < 1:
-            raise ConfigError(f"model.max_nonfinite_steps: must be >= 1, got {max_nonfinite_steps}")
         # Plain dicts only: checkpoints load with weights_only=True and rebuild the frozen parts from these.
         self.save_hyperparameters({
             "ldm": asdict(ldm), "image_encoder": asdict(image_encoder), "identifier": identifier,

@@ -171,6 +171,8 @@ GENERATE_CASES = {  # flags -> the flag the message must start with
     "negative_guidance": (["--guidance-scale", "-1"], "--guidance-scale"),
     "unknown_scheduler": (["--scheduler", "heun9"], "--scheduler"),
     "not_an_int": (["--num-images", "two"], "--num-images"),
+    "beta_above_1": (["--beta", "2"], "--beta: must be in [0, 1], got 2.0"),
+    "alpha_not_a_number": (["--alpha", "strong"], "--alpha: expected float"),
 }
 
 

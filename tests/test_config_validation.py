@@ -25,6 +25,15 @@ CASES = {
     "batch_size_zero": (["--data.batch_size", "0"], "data.batch_size"),
     "max_nonfinite_zero": (["--model.max_nonfinite_steps", "0"], "model.max_nonfinite_steps"),
     "unknown_cli_key": (["--model.no_such_key", "1"], "no_such_key"),
+    # Ranges declared on the fields of the nested configs and of the callback (ib/ranges.py).
+    "cond_dropout_one": (["--model.cond_dropout", "1.0"], "model.cond_dropout"),
+    "warmup_negative": (["--model.optim.warmup_steps", "-1"], "model.optim.warmup_steps"),
+    "sampling_steps_zero": (["--model.sampling.steps", "0"], "model.sampling.steps"),
+    "augment_hflip_above_1": (["--data.augment.hflip", "1.5"], "data.augment.hflip"),
+    "augment_fill_above_255": (["--data.augment.fill", "300"], "data.augment.fill"),
+    "loader_prefetch_zero": (["--data.loader.prefetch_factor", "0"], "data.loader.prefetch_factor"),
+    "val_batches_zero": (["--data.val_batches", "0"], "data.val_batches"),
+    "identity_eval_concepts_zero": (["--identity_eval.concepts", "0"], "identity_eval.concepts"),
 }
 
 
@@ -43,6 +52,14 @@ def test_bad_value_refused_before_any_work(case, tmp_path, synthetic_shards, no_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ib: error:") and field in err[-1], err[-5:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_value_of_the_wrong_type_is_one_line_naming_the_field(tmp_path, synthetic_shards, no_model_build, capsys):
+    """jsonargparse's report spans lines; nested configs are plain dataclass fields, so it names the full key."""
+    config = run_config(tmp_path, synthetic_shards)
+    assert main(["fit", "--config", str(config), "--model.sampling.steps", "many"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ib: error:") and '"model.sampling.steps"' in err[-1] and "many" in err[-1], err[-3:]
 
 
 def test_unknown_key_in_config_file(tmp_path, synthetic_shards, no_model_build, capsys):

@@ -161,7 +161,7 @@ def test_references_as_paths_pil_arrays_and_masks_agree(model, refs, tmp_path):
     (lambda p, r: p(PROMPT, torch.rand(1, 2, 3, 5, 5)), "reference_images: prepared references must be (B, N, 3, 32, 32)"),
     (lambda p, r: p(PROMPT, r, beta=2.0), "beta: must be in [0, 1]"),
     (lambda p, r: p(PROMPT, r, num_inference_steps=0), "num_inference_steps: must be >= 1"),
-    (lambda p, r: p(PROMPT, r, height=50), "height: must be a positive multiple of 4"),
+    (lambda p, r: p(PROMPT, r, height=50), "height: must be a multiple of 4"),
     (lambda p, r: p(PROMPT, r, output_type="jpeg"), "output_type: one of pil, np, pt"),
     (lambda p, r: p([PROMPT] * 2, [r, r, r]), "reference_images: 3 lists for 2 prompts"),
 ])

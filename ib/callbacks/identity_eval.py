@@ -26,6 +26,7 @@ from ib.metrics.colour_identity import ColourIdentity
 from ib.metrics.identity import identity_metrics
 from ib.models.sampler import SamplingConfig, check_sampling
 from ib.pipeline import InstantBoothPipeline, generate
+from ib.ranges import PositiveInt, check_arguments
 
 FIELD = "IdentityEval"
 
@@ -43,14 +44,11 @@ class IdentityEval(L.Callback):
     grid_images: rows of the TensorBoard grid (from rank 0's share).
     """
 
-    def __init__(self, prompts: list[str], concepts: int = 2, references: int = 3, images_per_prompt: int = 1,
+    def __init__(self, prompts: list[str], concepts: PositiveInt = 2, references: PositiveInt = 3, images_per_prompt: PositiveInt = 1,
                  seed: int = 0, sampling: dict | None = None, shards: str | None = None,
                  clip: ClipBackboneConfig | None = None, dino: DinoBackboneConfig | None = None,
-                 shuffled: bool = True, grid_images: int = 8):
-        for name, value in (("concepts", concepts), ("references", references),
-                            ("images_per_prompt", images_per_prompt)):
-            if value < 1:
-                raise ConfigError(f"{FIELD}.{name}: must be >= 1, got {value}")
+                 shuffled: bool = True, grid_images: PositiveInt = 8):
+        check_arguments(IdentityEval, locals(), f"{FIELD}.")
         if not prompts:
             raise ConfigError(f"{FIELD}.prompts: empty")
         for p in prompts:

@@ -30,14 +30,15 @@ from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
 from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
 from ib.identifier import insert_identifier
+from ib.ranges import NonNegativeInt, PositiveInt, check_arguments
 from ib.threads import available_cpus, set_compute_threads
 
 @dataclass
 class LoaderConfig:
-    num_workers: int = 0
-    prefetch_factor: int = 2
+    num_workers: NonNegativeInt = 0
+    prefetch_factor: PositiveInt = 2
     pin_memory: bool = False
-    shuffle_buffer: int = 500      # raw samples per worker (about 100 kB each at 512 px)
+    shuffle_buffer: NonNegativeInt = 500      # raw samples per worker (about 100 kB each at 512 px)
     seed: int = 0                  # shard and sample order and the augmentations; mixed with epoch, rank,
                                    # worker and each sample's place in the stream
 
@@ -124,21 +125,14 @@ class InstantBoothDataModule(L.LightningDataModule):
     continues the stream instead of replaying it (ib/data/streams.py).
     """
 
-    def __init__(self, train_shards: str, val_shards: str | None = None, image_size: int = 64,
-                 reference_size: int = 64, batch_size: int = 4, val_batch_size: int | None = None,
-                 batches_per_epoch: int = 100, val_batches: int | None = None, identifier: str = "sks",
-                 resampled: bool = True, augment: ReferenceAugment | None = None,
-                 loader: LoaderConfig | None = None, max_consecutive_bad: int = 1000):
+    def __init__(self, train_shards: str, val_shards: str | None = None, image_size: PositiveInt = 64,
+                 reference_size: PositiveInt = 64, batch_size: PositiveInt = 4, val_batch_size: PositiveInt | None = None,
+                 batches_per_epoch: PositiveInt = 100, val_batches: PositiveInt | None = None, identifier: str = "sks",
+                 resampled: bool = True, augment: ReferenceAugment = ReferenceAugment(),
+                 loader: LoaderConfig = LoaderConfig(), max_consecutive_bad: PositiveInt = 1000):
+        check_arguments(InstantBoothDataModule, locals(), "data.")
         super().__init__()
-        for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                            ("image_size", image_size), ("reference_size", reference_size)):
-            if value < 1:
-                raise ConfigError(f"data.{name}: must be >= 1, got {value}")
-        if max_consecutive_bad < 1:
-            raise ConfigError(f"data.max_consecutive_bad: must be >= 1, got {max_consecutive_bad}")
         self.max_consecutive_bad = max_consecutive_bad
-        if val_batches is not None and val_batches < 1:
-            raise ConfigError(f"data.val_batches: must be >= 1 or null, got {val_batches}")
         self.train_urls = resolve_shards(train_shards, "data.train_shards")
         self.val_urls = resolve_shards(val_shards, "data.val_shards") if val_shards else None
         self.image_size, self.reference_size = image_size, reference_size
@@ -148,9 +142,6 @@ class InstantBoothDataModule(L.LightningDataModule):
         # Dataclasses from the CLI, plain dicts from Python callers.
         self.augment = augment if isinstance(augment, ReferenceAugment) else ReferenceAugment(**(augment or {}))
         self.loader = loader if isinstance(loader, LoaderConfig) else LoaderConfig(**(loader or {}))
-        for name, low in (("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 0)):
-            if getattr(self.loader, name) < low:
-                raise ConfigError(f"data.loader.{name}: must be >= {low}, got {getattr(self.loader, name)}")
         self._val_samples: int | None = None
         self._delivered: dict = {"epoch": 0, "workers": {}}  # this rank's stream: {worker: (batches, samples)}
         self._resume: list[dict] | None = None  # every rank's, from a checkpoint

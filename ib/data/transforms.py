@@ -4,21 +4,24 @@ The reference is the same image's object, cropped by its mask, background filled
 so the model cannot just copy pixels into the target.
 """
 from dataclasses import dataclass
+from typing import Annotated
 
 import albumentations as A
 import cv2
 import numpy as np
 
+from ib.ranges import Fraction, NonNegativeFloat, Range
+
 
 @dataclass
 class ReferenceAugment:
     """Reference augmentation strengths (training only; validation uses a plain crop + resize)."""
-    bbox_jitter: float = 0.1      # each side of the crop box moves in or out by up to this fraction
+    bbox_jitter: Fraction = 0.1  # each side of the crop box moves in or out by up to this fraction
     scale: tuple[float, float] = (0.7, 1.0)
-    rotate: float = 20.0          # degrees, either way
-    hflip: float = 0.5
-    color_jitter: float = 0.2     # brightness / contrast / saturation strength; hue gets a quarter
-    fill: int = 255               # background value of the masked-out crop
+    rotate: Annotated[float, Range(ge=0, le=180)] = 20.0  # degrees, either way
+    hflip: Fraction = 0.5  # probability
+    color_jitter: NonNegativeFloat = 0.2  # brightness / contrast / saturation strength; hue gets a quarter
+    fill: Annotated[int, Range(ge=0, le=255)] = 255  # background value of the masked-out crop
 
 
 def target_transform(size: int, train: bool) -> A.Compose:

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from ib.errors import ConfigError
 from ib.models.frozen_ldm import SCHEDULERS
+from ib.ranges import Fraction, NonNegativeFloat, PositiveInt, check_ranges
 
 
 @dataclass
@@ -11,13 +12,13 @@ class SamplingConfig:
     """beta: adapter strength at inference (paper: 0.3; training uses 1.0). alpha: f_c := α·f_c (paper: 0.4).
     use_concept: inject f_c at the identifier (False leaves the prompt's own token)."""
     scheduler: str = "ddim"
-    steps: int = 50
-    guidance_scale: float = 7.5
-    beta: float = 0.3
-    alpha: float = 0.4
+    steps: PositiveInt = 50
+    guidance_scale: NonNegativeFloat = 7.5
+    beta: Fraction = 0.3
+    alpha: Fraction = 0.4
     use_concept: bool = True
-    height: int | None = None  # null: the UNet's native size
-    width: int | None = None
+    height: PositiveInt | None = None  # null: the UNet's native size
+    width: PositiveInt | None = None
 
 
 def check_sampling(cfg: SamplingConfig, vae_factor: int | None, name=lambda field: f"model.sampling.{field}") -> None:
@@ -28,17 +29,11 @@ def check_sampling(cfg: SamplingConfig, vae_factor: int | None, name=lambda fiel
         raise ConfigError(f"{name(field)}: {must}, got {getattr(cfg, field)}")
     if cfg.scheduler not in SCHEDULERS:
         raise ConfigError(f"{name('scheduler')}: unknown '{cfg.scheduler}' (one of {', '.join(SCHEDULERS)})")
-    if cfg.steps < 1:
-        refuse("steps", "must be >= 1")
-    if cfg.guidance_scale < 0:
-        refuse("guidance_scale", "must be >= 0")
-    for field in ("beta", "alpha"):  # adapter strength; concept renormalization
-        if not 0 <= getattr(cfg, field) <= 1:
-            refuse(field, "must be in [0, 1]")
+    check_ranges(SamplingConfig, cfg, name)
     for field in ("height", "width"):
         size = getattr(cfg, field)
-        if size is not None and (size < 1 or (vae_factor and size % vae_factor)):
-            refuse(field, f"must be a positive multiple of {vae_factor or 1} (the VAE's downsampling factor)")
+        if size is not None and vae_factor and size % vae_factor:
+            refuse(field, f"must be a multiple of {vae_factor} (the VAE's downsampling factor)")
 
 
 def output_size(model, cfg: SamplingConfig) -> tuple[int, int]:
