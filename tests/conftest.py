@@ -118,3 +118,9 @@ def subprocess_env(**extra: str) -> dict:
     """Environment for `python -m ib.cli` subprocesses: this checkout's code, offline, plus `extra`."""
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                 NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first: with two xdist workers the longest ones then start at once instead of last, where one
+    of them alone would be the suite's tail."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
