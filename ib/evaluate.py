@@ -22,7 +22,8 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, to_tensor  # noqa: E402
-from ib.data.references import prepare_references  # noqa: E402
+from ib.data.masks import MaskError, get_mask_backend  # noqa: E402
+from ib.data.references import NoSubjectError, prepare_references  # noqa: E402
 from ib.atomic_write import atomic_path, write_json  # noqa: E402
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
@@ -49,6 +50,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--max-prompts", type=argument_type(PositiveInt), help="the first N prompts of each subject")
     p.add_argument("--num-images", type=argument_type(PositiveInt), default=4, help="images per prompt (DreamBooth: 4)")
     p.add_argument("--seed", type=int, default=0, help="image i of every prompt uses seed + i")
+    p.add_argument("--mask-backend", help="mask each reference photo's subject with this backend (e.g. grabcut; see "
+                                          "ib.data.masks), as training saw masked crops; default: whole photos")
     g = p.add_argument_group("sampler (default: the settings stored with the weights)")
     g.add_argument("--steps", type=sampling_type("steps"))
     g.add_argument("--beta", type=sampling_type("beta"), help="adapter strength at inference (paper: 0.3)")
@@ -155,11 +158,32 @@ def _mean(values: list[float | None]) -> float | None:
     return round(sum(values) / len(values), 6) if values else None
 
 
+def subject_references(subject: Subject, mask_fn, size: int) -> tuple[torch.Tensor | None, list[str]]:
+    """The subject's photos as references, and the names of those left out: with a mask backend, a photo it
+    finds no subject in is left out and named on stderr; None when none is left."""
+    if mask_fn is None:
+        return prepare_references(subject.images, size=size, field="--data"), []
+    refs, left_out = [], []
+    for photo in subject.images:
+        try:
+            refs.append(prepare_references([photo], mask_fn, size=size, field="--data", mask_field="--mask-backend"))
+        except NoSubjectError as e:
+            left_out.append(photo.name)
+            print(f"ib evaluate: {e}: left out of the references", file=sys.stderr)
+    return (torch.cat(refs) if refs else None), left_out
+
+
 def evaluate(args) -> dict:
     if not Path(args.weights).exists():  # checked again on loading; here to fail before anything is built
         raise ConfigError(f"--weights: file not found: {args.weights}")
     check_creatable_folder(Path(args.out), "--out")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
+    mask_fn = None
+    if args.mask_backend:
+        try:
+            mask_fn = get_mask_backend(args.mask_backend)
+        except MaskError as e:
+            raise ConfigError(f"--mask-backend: {e}") from e
     bench: DreamBench = read_dreambench(args.data)
     subjects = bench.subjects[:args.max_subjects]
     clip_cfg, dino_cfg = backbone_configs(args)
@@ -172,19 +196,33 @@ def evaluate(args) -> dict:
     sampling = sampling_from_args(pipe.defaults, args, model.ldm.vae_scale_factor)
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
+    # Every subject's references before anything is written. Like a corrupt sample in training, a subject
+    # without a usable photo is skipped and counted; with none usable at all there is nothing to evaluate.
+    ref_size = model.image_encoder.image_size[0]
+    references = {s.name: subject_references(s, mask_fn, ref_size) for s in subjects}
+    skipped = [s.name for s in subjects if references[s.name][0] is None]
+    if skipped:
+        print(f"ib evaluate: {len(skipped)} subjects without a photo {args.mask_backend} finds a subject in, "
+              f"left out: {', '.join(skipped)}", file=sys.stderr)
+    subjects = [s for s in subjects if s.name not in skipped]
+    if not subjects:
+        raise ConfigError(f"--mask-backend: {args.mask_backend} finds no subject in any photo of {args.data}")
+
     out = Path(args.out)
     # The speed preset is part of what made the images (bf16 gives other bits): a resume must not mix them.
     settings = {"weights_sha256": _file_digest(args.weights), "base": args.base, "sampling": asdict(sampling), "seed": args.seed,
                 "identifier": identifier, "speed": speed}
+    if args.mask_backend:  # only when set: folders written before the flag existed still resume
+        settings["mask_backend"] = args.mask_backend
     check_out_folder(out, settings)
 
-    ref_size = model.image_encoder.image_size[0]
     per_subject = {}
     total = sum(len(bench.templates(s)[:args.max_prompts]) for s in subjects)
     with tqdm(total=total, desc="ib evaluate", unit="prompt") as bar:
         for subject in subjects:
             photos = [load_image(p) for p in subject.images]
-            refs = prepare_references(photos, size=ref_size, field="--data").to(device)
+            refs, left_out = references[subject.name]
+            refs = refs.to(device)
             reals = [to_tensor(p) for p in photos]
             generated, prompts = [], []
             for j, prompt in enumerate(bench.prompts(subject, identifier)[:args.max_prompts]):
@@ -204,14 +242,14 @@ def evaluate(args) -> dict:
                 bar.update()
             per_subject[subject.name] = score_subject(metrics, generated, prompts, reals)
             per_subject[subject.name].update({"class": subject.class_noun, "images": len(generated),
-                                              "references": len(reals)})
+                                              "references": len(refs), "left_out": left_out})
 
     keys = ("clip_i", "clip_t", "dino")
     overall = {k: _mean([s[k] for s in per_subject.values()]) for k in keys}
     overall["real_vs_real"] = {k: _mean([s["real_vs_real"][k] for s in per_subject.values()]) for k in ("clip_i", "dino")}
     report = {"overall": overall, "per_subject": per_subject,
               "settings": {**settings, "weights": str(args.weights), "data": str(args.data),
-                           "subjects": len(subjects), "max_prompts": args.max_prompts, "num_images": args.num_images},
+                           "subjects": len(subjects), "subjects_left_out": skipped, "max_prompts": args.max_prompts, "num_images": args.num_images},
               "backbones": {"clip": asdict(clip_cfg), "dino": asdict(dino_cfg)}}
     write_json(out / REPORT_FILE, report, allow_nan=False)
     return report

@@ -106,3 +106,91 @@ def test_loaded_tiny_model_is_the_trained_one(tmp_path, synthetic_shards):
     loaded, _ = load_model(export_weights(trained, tmp_path / "w.safetensors", sampling=cli.model.hparams["sampling"]))
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in trained.state_dict().items())
+
+
+def _object_photos(root, subjects: dict[str, int]):
+    """A DreamBench-layout folder: per subject two 48 px photos, the first `subjects[name]` of a disc on a plain
+    ground, the others plain (nothing for a mask backend to find)."""
+    import numpy as np
+    from PIL import Image
+    from ib.data.dreambench import PROMPTS_FILE
+    rows = "\n".join(f"{name},ball" for name in subjects)
+    (root / PROMPTS_FILE).parent.mkdir(parents=True)
+    (root / PROMPTS_FILE).write_text(f"Classes\n\nsubject_name,class\n{rows}\n\nPrompts\n\nObject Prompts\n\n"
+                                     "prompt_list = [\n'a {0} {1} in a room'.format(unique_token, class_token)\n]\n\n"
+                                     "Live Subject Prompts\n\nprompt_list = [\n'a {0} {1}'.format(unique_token, class_token)\n]\n")
+    yy, xx = np.mgrid[:48, :48]
+    for k, (name, discs) in enumerate(subjects.items()):
+        (root / name).mkdir()
+        for i in range(2):
+            photo = np.full((48, 48, 3), (220, 200, 160), np.uint8)
+            if i < discs:
+                photo[(yy - 24 - 2 * i) ** 2 + (xx - 22 - k) ** 2 < 12 ** 2] = (30, 60, 200 - 40 * k)
+            Image.fromarray(photo).save(root / name / f"{i:02d}.png")
+    return root
+
+
+def _toy_args(weights, data, out, *extra):
+    return ["--weights", str(weights), "--data", str(data), "--out", str(out), "--num-images", "1", "--steps", "1",
+            "--backbones", TINY_BACKBONES, *extra]
+
+
+def test_mask_backend_masks_the_references_and_is_recorded(weights, tmp_path):
+    """Training saw masked object crops; --mask-backend gives evaluation the same kind of reference."""
+    data = _object_photos(tmp_path / "bench", {"blue_ball": 2, "navy_ball": 2})
+    assert evaluate_main(_toy_args(weights, data, tmp_path / "masked", "--mask-backend", "grabcut")) == 0
+    assert evaluate_main(_toy_args(weights, data, tmp_path / "whole")) == 0
+    masked = json.loads((tmp_path / "masked" / "settings.json").read_text())
+    assert masked["mask_backend"] == "grabcut"
+    assert "mask_backend" not in json.loads((tmp_path / "whole" / "settings.json").read_text())
+    name = "blue_ball/00_a_ball_in_a_room_0.png"
+    from PIL import Image
+    import numpy as np
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "masked" / name)),
+                              np.asarray(Image.open(tmp_path / "whole" / name)))  # other references, other image
+
+
+def test_photos_and_subjects_without_a_subject_are_left_out_and_counted(weights, tmp_path, capsys):
+    """As corrupt samples in training: skipped, named and counted; with nothing usable at all, a one-line error
+    and nothing written."""
+    data = _object_photos(tmp_path / "bench", {"blue_ball": 2, "half_ball": 1, "no_ball": 0})
+    out = tmp_path / "out"
+    assert evaluate_main(_toy_args(weights, data, out, "--mask-backend", "grabcut")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["per_subject"]) == ["blue_ball", "half_ball"]
+    assert report["settings"]["subjects_left_out"] == ["no_ball"]
+    half = report["per_subject"]["half_ball"]
+    assert (half["references"], half["left_out"]) == (1, ["01.png"])
+    err = capsys.readouterr().err
+    assert f"the mask of {data / 'half_ball' / '01.png'} is empty" in err and "left out: no_ball" in err
+
+    data = _object_photos(tmp_path / "bench2", {"no_ball": 0})
+    out = tmp_path / "out2"
+    assert evaluate_main(_toy_args(weights, data, out, "--mask-backend", "grabcut")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == f"ib: error: --mask-backend: grabcut finds no subject in any photo of {data}", last
+    assert not out.exists()
+    assert evaluate_main(_toy_args(weights, data, out, "--mask-backend", "no_such_backend")) == 2
+    assert capsys.readouterr().err.strip().startswith("ib: error: --mask-backend: unknown mask backend")
+    assert not out.exists()
+
+
+def test_the_worlds_held_out_concepts_as_a_dreambench_folder(weights, tmp_path, synthetic_shards, capsys):
+    """data_tools.held_out_bench: a folder `ib evaluate` reads, one subject per held-out concept; bad input is
+    one line, exit 2, nothing written."""
+    from data_tools import held_out_bench
+    from ib.data.dreambench import read_dreambench
+    out = tmp_path / "bench"
+    assert held_out_bench.main(["--shards", str(synthetic_shards / "val"), "--out", str(out), "--photos", "2"]) == 0
+    bench = read_dreambench(out)
+    assert [s.name for s in bench.subjects] == ["ball_006", "box_007", "kite_008"]  # the world's 3 held-out concepts
+    assert [len(s.images) for s in bench.subjects] == [2, 2, 2]
+    assert bench.prompts(bench.subjects[0], "sks")[0] == "a photo of a sks ball on the grass"
+    assert evaluate_main(_toy_args(weights, out, tmp_path / "eval", "--max-prompts", "1")) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert list(report["per_subject"]) == ["ball_006", "box_007", "kite_008"]
+
+    capsys.readouterr()
+    assert held_out_bench.main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "b2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: --shards: not found: {tmp_path / 'none'}"]
+    assert not (tmp_path / "b2").exists()

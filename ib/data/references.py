@@ -60,6 +60,10 @@ def reference_crop(image: np.ndarray, mask: np.ndarray | None, size: int, fill: 
     return reference_transform(size, ReferenceAugment(fill=fill), train=False)(image=image)["image"]
 
 
+class NoSubjectError(ConfigError):
+    """A reference whose mask is empty, or that the mask backend could not mask."""
+
+
 def prepare_references(images: Sequence[ImageLike], masks: Sequence[ImageLike] | str | MaskFn | None = None, *,
                        size: int, fill: int = ReferenceAugment.fill, field: str = "reference_images",
                        mask_field: str = "reference_masks") -> torch.Tensor:
@@ -94,8 +98,8 @@ def prepare_references(images: Sequence[ImageLike], masks: Sequence[ImageLike] |
             try:
                 mask = np.asarray(mask_fn(image), dtype=bool)
             except (MaskError, ValueError) as e:
-                raise ConfigError(f"{mask_field}: no mask for {name}: {e}") from e
+                raise NoSubjectError(f"{mask_field}: no mask for {name}: {e}") from e
         if mask is not None and not mask.any():
-            raise ConfigError(f"{mask_field}: the mask of {name} is empty (no subject)")
+            raise NoSubjectError(f"{mask_field}: the mask of {name} is empty (no subject)")
         refs.append(torch.from_numpy(np.ascontiguousarray(reference_crop(image, mask, size, fill))).permute(2, 0, 1))
     return torch.stack(refs).float() / 255
