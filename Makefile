@@ -40,13 +40,15 @@ train: $(if $(DATA),$(STAMP),data)
 	  $(if $(DATA),--data.train_shards $(DATA)/train --data.val_shards $(DATA)/val) --ckpt_path last $(ARGS)
 
 # Two test processes of one compute thread each (tests/conftest.py): one per core of a 2-core machine.
+# worksteal: the slow tests are collected first (tests/conftest.py) and an idle process takes half of the
+# other's queue, so no long test is left to run alone at the end.
 TEST_PROCESSES ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist worksteal -m "not slow" $(ARGS)
 
 # Identity transfer in the synthetic world: the embedded default trained longer (conf/experiment.yaml) on the
 # stored toy base, then measured on the held-out concepts; SEED picks the run (runs/experiment-seedSEED).

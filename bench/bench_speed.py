@@ -1,8 +1,9 @@
 """`make bench`: training throughput, sampling latency and the "instant" claim, through the real code.
 
-Random weights (speed does not depend on their values). Two scales:
+Random weights (speed does not depend on their values). Scales (bench/scales.py):
   tiny  the embedded default model (conf/default.yaml) — runs on CPU in a few minutes
   sd15  Stable Diffusion 1.5 + OpenCLIP ViT-L/14 shapes (conf/sd15.yaml) — for a GPU
+  sd21  Stable Diffusion 2.1 (768 px, v-prediction) + OpenCLIP ViT-L/14 (conf/sd21.yaml) — for a GPU
 
 What it measures, in one run on one device:
   train     InstantBooth.training_loss (VAE encode, text encoder, CLIP backbone, heads, adapters, UNet
@@ -17,7 +18,7 @@ What it measures, in one run on one device:
   --sweep   every speed switch (ib/models/speed.py) on its own against the all-off baseline, then all the
             recommended ones together.
 
-Usage: python bench/bench_speed.py [--scale tiny|sd15] [--sweep] [switch flags] [--out bench/results]
+Usage: python bench/bench_speed.py [--scale tiny|sd15|sd21] [--sweep] [switch flags] [--out bench/results]
 """
 import argparse
 import copy
@@ -56,6 +57,7 @@ DEFAULTS = {  # per scale: what a run on its intended device can afford
     "tiny": dict(batch=4, iters=5, warmup=2, sample_iters=3, dreambooth_steps=20, budget_s=1e9),
     # budget: what is left is skipped (and said so) so a 10-minute GPU slot still writes its JSON
     "sd15": dict(batch=32, iters=10, warmup=3, sample_iters=3, dreambooth_steps=200, budget_s=450),
+    "sd21": dict(batch=16, iters=10, warmup=3, sample_iters=3, dreambooth_steps=200, budget_s=450),  # 768 px
 }
 PROMPT = "a photo of a sks dog on the beach"
 DREAMBOOTH_STEPS = 400  # the diffusers DreamBooth recipe

@@ -121,6 +121,10 @@ def subprocess_env(**extra: str) -> dict:
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first: with two xdist workers the longest ones then start at once instead of last, where one
-    of them alone would be the suite's tail."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Longest first (`slow(minutes=N)`, then the other slow ones): with `--dist worksteal` (Makefile) a long
+    test then starts at once, and the other process works through the rest, instead of one long test running
+    alone at the end."""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is None, -(slow.kwargs.get("minutes", 0) if slow else 0))
+    items.sort(key=order)

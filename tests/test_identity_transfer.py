@@ -23,7 +23,7 @@ from tests.conftest import ROOT
 # The default run and the measurement took 7 minutes of one thread beside another test process (6 timesteps
 # then, 3 now); the timeout is three times MINUTES, so a machine busy with another job does not fail it.
 MINUTES = 7
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(3 * 60 * MINUTES)]
+pytestmark = [pytest.mark.slow(minutes=MINUTES), pytest.mark.timeout(3 * 60 * MINUTES)]
 
 # Own-vs-shuffled loss reductions the default run must reach (object region / whole image). Measured with
 # `make experiment`'s measurement on the default run: see docs/identity-experiment.md. References ignored on
