@@ -34,6 +34,7 @@ from ib.weights import export_weights  # noqa: E402
 MIB = 2 ** 20
 
 
+@torch.no_grad()
 def measure(scale: str) -> dict:
     m = model_config(scale)
     torch.manual_seed(0)
@@ -81,7 +82,6 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
     rows = {}
     print(f"{'scale':9} {'trainable':>12} {'total':>15} {'adapters':>8} {'export fp32/bf16 MiB':>21} {'ckpt MiB':>9} "
           f"{'step ms':>8}")

@@ -173,6 +173,41 @@ def subject_references(subject: Subject, mask_fn, size: int) -> tuple[torch.Tens
     return (torch.cat(refs) if refs else None), left_out
 
 
+def all_references(subjects: list[Subject], mask_fn, size: int, args) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """{subject: (references, photos left out)}. Like a corrupt sample in training, a subject without a usable
+    photo is skipped (absent here) and named; with none usable at all there is nothing to evaluate."""
+    references = {s.name: subject_references(s, mask_fn, size) for s in subjects}
+    skipped = [name for name, (refs, _) in references.items() if refs is None]
+    if len(skipped) == len(subjects):
+        raise ConfigError(f"--mask-backend: {args.mask_backend} finds no subject in any photo of {args.data}")
+    if skipped:
+        print(f"ib evaluate: {len(skipped)} subjects without a photo {args.mask_backend} finds a subject in, "
+              f"left out: {', '.join(skipped)}", file=sys.stderr)
+    return {name: value for name, value in references.items() if name not in skipped}
+
+
+def generate_subject(pipe, sampling, refs: torch.Tensor, bench: DreamBench, subject: Subject, out: Path, args,
+                     bar) -> tuple[list[torch.Tensor], list[str]]:
+    """The subject's images for every prompt (those already in `out` are reused), read back from their files
+    so that a resumed run scores exactly what a fresh one would; and their prompts."""
+    generated, prompts = [], []
+    identifier = pipe.identifier
+    for j, prompt in enumerate(bench.prompts(subject, identifier)[:args.max_prompts]):
+        paths = [image_path(out, subject, j, strip_identifier(prompt, identifier), i) for i in range(args.num_images)]
+        todo = [i for i, p in enumerate(paths) if not _readable(p)]
+        if todo:
+            images = generate(pipe, refs[None].expand(len(todo), *refs.shape), [prompt] * len(todo),
+                              sampling, seeds=[args.seed + i for i in todo])
+            paths[0].parent.mkdir(parents=True, exist_ok=True)
+            for i, image in zip(todo, images):
+                _save(image, paths[i])
+        generated += [to_tensor(load_image(p)) for p in paths]
+        prompts += [prompt] * len(paths)
+        bar.set_postfix(subject=subject.name, generated=len(todo))
+        bar.update()
+    return generated, prompts
+
+
 def evaluate(args) -> dict:
     if not Path(args.weights).exists():  # checked again on loading; here to fail before anything is built
         raise ConfigError(f"--weights: file not found: {args.weights}")
@@ -196,17 +231,10 @@ def evaluate(args) -> dict:
     sampling = sampling_from_args(pipe.defaults, args, model.ldm.vae_scale_factor)
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
-    # Every subject's references before anything is written. Like a corrupt sample in training, a subject
-    # without a usable photo is skipped and counted; with none usable at all there is nothing to evaluate.
-    ref_size = model.image_encoder.image_size[0]
-    references = {s.name: subject_references(s, mask_fn, ref_size) for s in subjects}
-    skipped = [s.name for s in subjects if references[s.name][0] is None]
-    if skipped:
-        print(f"ib evaluate: {len(skipped)} subjects without a photo {args.mask_backend} finds a subject in, "
-              f"left out: {', '.join(skipped)}", file=sys.stderr)
-    subjects = [s for s in subjects if s.name not in skipped]
-    if not subjects:
-        raise ConfigError(f"--mask-backend: {args.mask_backend} finds no subject in any photo of {args.data}")
+    # Every subject's references before anything is written.
+    references = all_references(subjects, mask_fn, model.image_encoder.image_size[0], args)
+    skipped = [s.name for s in subjects if s.name not in references]
+    subjects = [s for s in subjects if s.name in references]
 
     out = Path(args.out)
     # The speed preset is part of what made the images (bf16 gives other bits): a resume must not mix them.
@@ -220,26 +248,9 @@ def evaluate(args) -> dict:
     total = sum(len(bench.templates(s)[:args.max_prompts]) for s in subjects)
     with tqdm(total=total, desc="ib evaluate", unit="prompt") as bar:
         for subject in subjects:
-            photos = [load_image(p) for p in subject.images]
             refs, left_out = references[subject.name]
-            refs = refs.to(device)
-            reals = [to_tensor(p) for p in photos]
-            generated, prompts = [], []
-            for j, prompt in enumerate(bench.prompts(subject, identifier)[:args.max_prompts]):
-                paths = [image_path(out, subject, j, strip_identifier(prompt, identifier), i)
-                         for i in range(args.num_images)]
-                todo = [i for i, p in enumerate(paths) if not _readable(p)]
-                if todo:
-                    images = generate(pipe, refs[None].expand(len(todo), *refs.shape), [prompt] * len(todo),
-                                      sampling, seeds=[args.seed + i for i in todo])
-                    paths[0].parent.mkdir(parents=True, exist_ok=True)
-                    for i, image in zip(todo, images):
-                        _save(image, paths[i])
-                # Scored from the saved files, so a resumed run scores exactly what a fresh one would.
-                generated += [to_tensor(load_image(p)) for p in paths]
-                prompts += [prompt] * len(paths)
-                bar.set_postfix(subject=subject.name, generated=len(todo))
-                bar.update()
+            generated, prompts = generate_subject(pipe, sampling, refs.to(device), bench, subject, out, args, bar)
+            reals = [to_tensor(load_image(p)) for p in subject.images]
             per_subject[subject.name] = score_subject(metrics, generated, prompts, reals)
             per_subject[subject.name].update({"class": subject.class_noun, "images": len(generated),
                                               "references": len(refs), "left_out": left_out})

@@ -120,6 +120,14 @@ def subprocess_env(**extra: str) -> dict:
                 NO_ALBUMENTATIONS_UPDATE="1", PYTHONUNBUFFERED="1", **extra)
 
 
+@pytest.fixture(autouse=True)
+def autograd_left_on():
+    """A test (or code it calls in-process, e.g. a script's main) must not leave autograd off: the tests after
+    it in the same process would fail far from the cause."""
+    yield
+    assert torch.is_grad_enabled(), "this test left torch.set_grad_enabled(False) behind"
+
+
 def pytest_collection_modifyitems(items):
     """Longest first (`slow(minutes=N)`, then the other slow ones): with `--dist worksteal` (Makefile) a long
     test then starts at once, and the other process works through the rest, instead of one long test running

@@ -94,7 +94,8 @@ def test_from_weights_matches_the_model_and_keeps_the_sampler_defaults(model, we
     assert torch.equal(run(pipe, refs, beta=0.5), run(direct, refs, beta=0.5))
 
 
-def test_beta_zero_without_identifier_equals_plain_stable_diffusion(model, refs):
+def assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs):
+    """diffusers' own StableDiffusionPipeline on the same modules and scheduler gives the same images."""
     pipe = InstantBoothPipeline.from_model(model)
     sd = StableDiffusionPipeline(vae=model.ldm.vae, text_encoder=model.ldm.text_encoder, tokenizer=model.ldm.tokenizer,
                                  unet=model.ldm.unet, scheduler=pipe.scheduler, safety_checker=None,
@@ -110,6 +111,10 @@ def test_beta_zero_without_identifier_equals_plain_stable_diffusion(model, refs)
     # ...and the adapters do change images when β > 0 (so the equality above is not vacuous).
     adapted = pipe(prompts, refs, beta=1.0, latents=latents, num_inference_steps=4, output_type="pt").images
     assert (plain - adapted).abs().max() > 1e-3
+
+
+def test_beta_zero_without_identifier_equals_plain_stable_diffusion(model, refs):
+    assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs)
 
 
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,

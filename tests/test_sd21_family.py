@@ -3,7 +3,6 @@ code as SD 1.x: the tiny overlay conf/tiny_sd21.yaml end to end, and conf/sd21.y
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionPipeline
 
 from ib.cli import main
 from ib.fit_cli import InstantBoothCLI
@@ -17,7 +16,7 @@ from ib.models.sampler import SamplingConfig
 from ib.pipeline import InstantBoothPipeline, seeded
 from ib.weights import load_model
 from tests.conftest import ROOT, default_config, run_config
-from tests.test_pipeline import PROMPT, trained_like
+from tests.test_pipeline import PROMPT, assert_beta_zero_without_identifier_equals_stable_diffusion, trained_like
 
 TINY_SD21 = ROOT / "conf" / "tiny_sd21.yaml"
 
@@ -129,18 +128,7 @@ def test_the_sampler_reads_the_unet_output_as_velocity(model, refs, scheduler, m
 
 @torch.no_grad()
 def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion(model, refs):
-    pipe = InstantBoothPipeline.from_model(model)
-    sd = StableDiffusionPipeline(vae=model.ldm.vae, text_encoder=model.ldm.text_encoder, tokenizer=model.ldm.tokenizer,
-                                 unet=model.ldm.unet, scheduler=pipe.scheduler, safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
-    sd.set_progress_bar_config(disable=True)
-    pipe.set_progress_bar_config(disable=True)
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    prompts = ["a photo of a toy on the grass", "a red ball"]
-    plain = sd(prompts, latents=latents, num_inference_steps=4, guidance_scale=7.5, output_type="pt").images
-    ours = pipe(prompts, refs, beta=0.0, latents=latents, num_inference_steps=4, guidance_scale=7.5,
-                output_type="pt").images
-    assert (plain - ours).abs().max() <= 1e-5
+    assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs)  # a v-prediction scheduler here
 
 
 @pytest.mark.slow
