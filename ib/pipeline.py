@@ -265,6 +265,7 @@ def load_instantbooth(pipe: DiffusionPipeline, weights: str | Path, speed=None) 
                     DDPMScheduler.from_config(pipe.scheduler.config), source=source)
     model = InstantBooth(ldm, FrozenImageEncoder.build(check_hparams(hparams)[1]), identifier=hparams.get("identifier", "sks"),
                          uncond_adapters=hparams.get("uncond_adapters", True),
+                         adapter_blocks=hparams.get("adapter_blocks"),
                          speed=speed if speed is not None else {"frozen_dtype": dtype_name}, inference=True)
     check_unet_shape(model, hparams, f"weights {weights}")
     load_trainable(model, state, f"weights {weights}")

@@ -77,7 +77,7 @@ def hparams_from_metadata(meta: dict[str, str]) -> dict:
             raise ConfigError(f"has no '{key}' metadata")
     hparams = {"ldm": _json(meta, "base_model"), "image_encoder": _json(meta, "image_encoder"),
                "identifier": meta.get("identifier", "sks"), "uncond_adapters": meta.get("uncond_adapters") != "false"}
-    for key in ("sampling", "unet_shape"):
+    for key in ("sampling", "unet_shape", "adapter_blocks"):
         if key in meta:
             hparams[key] = _json(meta, key)
     return hparams
@@ -124,7 +124,8 @@ def build_from_hparams(hparams: dict, speed=None, image_encoder_folder: Path | N
     else:
         image_encoder = FrozenImageEncoder.build(image_encoder_cfg)
     return InstantBooth(FrozenLDM.from_config(ldm_cfg), image_encoder, identifier=hparams.get("identifier", "sks"),
-                        uncond_adapters=hparams.get("uncond_adapters", True), speed=speed, inference=inference)
+                        uncond_adapters=hparams.get("uncond_adapters", True), speed=speed, inference=inference,
+                        adapter_blocks=hparams.get("adapter_blocks"))
 
 
 def unet_shape(model: InstantBooth) -> dict:
@@ -192,6 +193,8 @@ def export_metadata(model: InstantBooth, sampling: dict | None = None) -> dict[s
             "reference_size": str(model.image_encoder.image_size[0]), "unet_shape": json.dumps(unet_shape(model))}
     if sampling is not None:
         meta["sampling"] = json.dumps(sampling)
+    if model.adapter_blocks is not None:  # absent: every block (also what files written before it mean)
+        meta["adapter_blocks"] = json.dumps(model.adapter_blocks)
     return meta
 
 

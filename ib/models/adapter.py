@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from diffusers.models.attention import Attention, BasicTransformerBlock
 from torch import nn
 
+from ib.errors import ConfigError
+
 
 @dataclass
 class AdapterContext:
@@ -90,18 +92,44 @@ class GatedSelfAttentionAdapter(nn.Module):
         return a.to_out[1](a.to_out[0](out))
 
 
-def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module) -> nn.ModuleList:
-    """Put one adapter in every transformer block of `unet` and `position_net` (which packs the "gligen"
-    kwargs into an AdapterContext) in its slot; returns the adapters (trainable)."""
-    adapters = []
-    for block in unet.modules():
-        if isinstance(block, BasicTransformerBlock):
-            heads = block.attn1.heads
-            block.fuser = GatedSelfAttentionAdapter(block.dim, context_dim, heads, block.attn1.inner_dim // heads)
-            block.fuser.index = len(adapters)  # its entry in AdapterContext.visual_kv
-            adapters.append(block.fuser)
-    if not adapters:
+class NoAdapter(nn.Module):
+    """The GLIGEN slot of a transformer block left without an adapter (`blocks` of install_adapters): the block
+    calls its fuser whenever the "gligen" entry is there, so this one passes the hidden states through."""
+
+    def forward(self, hidden_states: torch.Tensor, objs) -> torch.Tensor:
+        return hidden_states
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module,
+                     blocks: list[str] | None = None) -> nn.ModuleList:
+    """Put an adapter in the transformer blocks of `unet` and `position_net` (which packs the "gligen" kwargs
+    into an AdapterContext) in its slot; returns the adapters (trainable). blocks: module-path prefixes of the
+    blocks that get one (e.g. "down_blocks.2", "mid_block", "up_blocks.1.attentions.0"); None: every block."""
+    paths = [path for path, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
+    if not paths:
         raise ValueError("the UNet has no transformer blocks to hold adapters")
+    for prefix in blocks or ():
+        if not any(_under(path, prefix) for path in paths):
+            roots = sorted({".".join(p.split(".")[:2]) if p.startswith(("down", "up")) else p.split(".")[0]
+                            for p in paths})
+            raise ConfigError(f"model.adapter_blocks: '{prefix}' holds no transformer block of this UNet "
+                              f"(those that do: {', '.join(roots)})")
+    adapters = []
+    for path in paths:
+        block = unet.get_submodule(path)
+        if blocks is not None and not any(_under(path, prefix) for prefix in blocks):
+            block.fuser = NoAdapter()
+            continue
+        heads = block.attn1.heads
+        block.fuser = GatedSelfAttentionAdapter(block.dim, context_dim, heads, block.attn1.inner_dim // heads)
+        block.fuser.index = len(adapters)  # its entry in AdapterContext.visual_kv
+        adapters.append(block.fuser)
+    if not adapters:
+        raise ConfigError("model.adapter_blocks: empty; null puts an adapter in every transformer block")
     unet.position_net = position_net
     return nn.ModuleList(adapters)
 
@@ -109,7 +137,7 @@ def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module)
 @contextlib.contextmanager
 def adapters_removed(unet: nn.Module):
     """The plain UNet for the duration (e.g. to save it as the frozen base), adapters back afterwards."""
-    fusers = {name: m for name, m in unet.named_modules() if isinstance(m, GatedSelfAttentionAdapter)}
+    fusers = {name: m for name, m in unet.named_modules() if isinstance(m, (GatedSelfAttentionAdapter, NoAdapter))}
     position_net = unet._modules.pop("position_net", None)
     for name in fusers:
         del unet.get_submodule(name.rpartition(".")[0]).fuser
