@@ -142,6 +142,12 @@ def check_config(cfg: Namespace, sections: dict[str, type]) -> None:
     a callback's fields sit under its init_args."""
     for key, cls in sections.items():
         check_ranges(cls, _get(cfg, key), f"{key.replace('.init_args', '')}.")
+    # Whether a prefix holds a transformer block is known once the UNet is built; a misspelt root, here.
+    for prefix in _get(cfg, "model.adapter_blocks") or ():
+        root = prefix.split(".")
+        if not (root[0] == "mid_block" or (root[0] in ("down_blocks", "up_blocks") and root[1:2] and root[1].isdigit())):
+            raise ConfigError(f"model.adapter_blocks: '{prefix}' is not a UNet block path "
+                              "(down_blocks.N, mid_block or up_blocks.N, then optionally deeper)")
     identifier = _get(cfg, "model.identifier")
     if identifier is not None and not identifier.strip():
         raise ConfigError("model.identifier: must not be empty")

@@ -34,6 +34,7 @@ CASES = {
     "loader_prefetch_zero": (["--data.loader.prefetch_factor", "0"], "data.loader.prefetch_factor"),
     "val_batches_zero": (["--data.val_batches", "0"], "data.val_batches"),
     "identity_eval_concepts_zero": (["--identity_eval.concepts", "0"], "identity_eval.concepts"),
+    "adapter_blocks_misspelt": (["--model.adapter_blocks", "[midblock]"], "model.adapter_blocks"),
 }
 
 
