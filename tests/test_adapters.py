@@ -16,6 +16,19 @@ def _unet_inputs(model, batch=2, tokens=5):
 
 
 @torch.no_grad()
+def assert_zero_init_is_the_frozen_unet(model) -> None:
+    """Freshly built adapters leave the UNet bitwise the frozen one; once a gate opens they do not."""
+    unet = model.ldm.unet
+    x, t, text, visual = _unet_inputs(model)
+    plain = unet(x, t, encoder_hidden_states=text).sample
+    assert torch.equal(unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample,
+                       plain)
+    model.adapters[0].gate.fill_(0.5)  # the equality above can fail
+    assert not torch.allclose(unet(x, t, encoder_hidden_states=text,
+                                   cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample, plain)
+
+
+@torch.no_grad()
 def test_zero_gate_adapters_equal_plain_unet(tiny_model):
     x, t, text, visual = _unet_inputs(tiny_model)
     unet = tiny_model.ldm.unet

@@ -8,7 +8,6 @@ from ib.cli import main
 from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
-from ib.models.adapter import adapter_kwargs
 from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
@@ -16,6 +15,7 @@ from ib.models.sampler import SamplingConfig
 from ib.pipeline import InstantBoothPipeline, seeded
 from ib.weights import load_model
 from tests.conftest import ROOT, default_config, run_config
+from tests.test_adapters import assert_zero_init_is_the_frozen_unet
 from tests.test_pipeline import PROMPT, assert_beta_zero_without_identifier_equals_stable_diffusion, trained_like
 
 TINY_SD21 = ROOT / "conf" / "tiny_sd21.yaml"
@@ -47,19 +47,8 @@ def test_the_tiny_model_has_the_family_traits(model):
     assert InstantBoothPipeline.from_model(model).scheduler.config.prediction_type == "v_prediction"
 
 
-@torch.no_grad()
 def test_zero_init_adapters_are_bitwise_the_frozen_unet():
-    fresh = build()
-    unet = fresh.ldm.unet
-    torch.manual_seed(1)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 500])
-    text, visual = torch.randn(2, 77, 48), torch.randn(2, 5, 48)
-    plain = unet(x, t, encoder_hidden_states=text).sample
-    assert torch.equal(unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample,
-                       plain)
-    fresh.adapters[0].gate.fill_(0.5)  # the equality above can fail
-    assert not torch.allclose(unet(x, t, encoder_hidden_states=text,
-                                   cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample, plain)
+    assert_zero_init_is_the_frozen_unet(build())
 
 
 @torch.no_grad()
