@@ -22,12 +22,11 @@ from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ib.data.dreambench import DreamBench, Subject, load_image, read_dreambench, to_tensor  # noqa: E402
-from ib.data.masks import MaskError, get_mask_backend  # noqa: E402
 from ib.data.references import NoSubjectError, prepare_references  # noqa: E402
 from ib.atomic_write import atomic_path, write_json  # noqa: E402
 from ib.config_checks import OneLineParser, check_creatable_folder, check_device  # noqa: E402
 from ib.errors import ConfigError  # noqa: E402
-from ib.generate import add_model_arguments, load_pipeline, sampling_from_args, sampling_type  # noqa: E402
+from ib.generate import add_model_arguments, load_pipeline, mask_backend_flag, sampling_from_args, sampling_type  # noqa: E402
 from ib.metrics.backbones import ClipBackboneConfig, DinoBackboneConfig  # noqa: E402
 from ib.metrics.identity import identity_metrics  # noqa: E402
 from ib.identifier import strip_identifier  # noqa: E402
@@ -173,9 +172,10 @@ def subject_references(subject: Subject, mask_fn, size: int) -> tuple[torch.Tens
     return (torch.cat(refs) if refs else None), left_out
 
 
-def all_references(subjects: list[Subject], mask_fn, size: int, args) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    """{subject: (references, photos left out)}. Like a corrupt sample in training, a subject without a usable
-    photo is skipped (absent here) and named; with none usable at all there is nothing to evaluate."""
+def all_references(subjects: list[Subject], mask_fn, size: int,
+                   args) -> tuple[dict[str, tuple[torch.Tensor, list[str]]], list[str]]:
+    """{subject: (references, photos left out)}, and the subjects left out: like a corrupt sample in training, a
+    subject without a usable photo is skipped and named; with none usable at all there is nothing to evaluate."""
     references = {s.name: subject_references(s, mask_fn, size) for s in subjects}
     skipped = [name for name, (refs, _) in references.items() if refs is None]
     if len(skipped) == len(subjects):
@@ -183,7 +183,7 @@ def all_references(subjects: list[Subject], mask_fn, size: int, args) -> dict[st
     if skipped:
         print(f"ib evaluate: {len(skipped)} subjects without a photo {args.mask_backend} finds a subject in, "
               f"left out: {', '.join(skipped)}", file=sys.stderr)
-    return {name: value for name, value in references.items() if name not in skipped}
+    return {name: value for name, value in references.items() if name not in skipped}, skipped
 
 
 def generate_subject(pipe, sampling, refs: torch.Tensor, bench: DreamBench, subject: Subject, out: Path, args,
@@ -213,12 +213,7 @@ def evaluate(args) -> dict:
         raise ConfigError(f"--weights: file not found: {args.weights}")
     check_creatable_folder(Path(args.out), "--out")
     sampling_from_args(SamplingConfig(), args)  # the flags alone, before the model loads
-    mask_fn = None
-    if args.mask_backend:
-        try:
-            mask_fn = get_mask_backend(args.mask_backend)
-        except MaskError as e:
-            raise ConfigError(f"--mask-backend: {e}") from e
+    mask_fn = mask_backend_flag(args.mask_backend) if args.mask_backend else None
     bench: DreamBench = read_dreambench(args.data)
     subjects = bench.subjects[:args.max_subjects]
     clip_cfg, dino_cfg = backbone_configs(args)
@@ -232,8 +227,7 @@ def evaluate(args) -> dict:
     metrics = {k: m.to(device) for k, m in identity_metrics(clip_cfg, dino_cfg, identifier).items()}
 
     # Every subject's references before anything is written.
-    references = all_references(subjects, mask_fn, model.image_encoder.image_size[0], args)
-    skipped = [s.name for s in subjects if s.name not in references]
+    references, skipped = all_references(subjects, mask_fn, model.image_encoder.image_size[0], args)
     subjects = [s for s in subjects if s.name in references]
 
     out = Path(args.out)

@@ -44,6 +44,14 @@ def load_pipeline(args, speed: str, device) -> InstantBoothPipeline:
     return pipe.to(device)
 
 
+def mask_backend_flag(name: str):
+    """The backend of --mask-backend, built once (a model-based one loads its weights here)."""
+    try:
+        return get_mask_backend(name)
+    except MaskError as e:
+        raise ConfigError(f"--mask-backend: {e}") from e
+
+
 def sampling_type(field: str):
     """The argparse type of a sampler flag: the range of SamplingConfig's field."""
     return argument_type(SamplingConfig, field)
@@ -91,19 +99,14 @@ def run(args) -> list[Path]:
     device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     speed = args.speed or default_preset(device)
     check_speed_preset(speed, device)
-    if args.mask_backend and not args.mask:  # before the model loads
-        try:
-            get_mask_backend(args.mask_backend)
-        except MaskError as e:
-            raise ConfigError(f"--mask-backend: {e}") from e
+    mask_fn = mask_backend_flag(args.mask_backend) if args.mask_backend and not args.mask else None  # before loading
     pipe = load_pipeline(args, speed, device)
     identifier = pipe.identifier
     if not contains_identifier(args.prompt, identifier):
         raise ConfigError(f"--prompt: does not contain the identifier '{identifier}' (e.g. 'a photo of a "
                           f"{identifier} dog')")
     cfg = sampling_from_args(pipe.defaults, args, pipe.model.ldm.vae_scale_factor)
-    masks = args.mask or (args.mask_backend or None)
-    refs = prepare_references(args.ref, masks, size=pipe.image_encoder.image_size[0], field="--ref",
+    refs = prepare_references(args.ref, args.mask or mask_fn, size=pipe.image_encoder.image_size[0], field="--ref",
                               mask_field="--mask" if args.mask else "--mask-backend")[None]
 
     start = time.perf_counter()
