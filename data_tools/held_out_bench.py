@@ -8,7 +8,6 @@ The photos are whole images, as in DreamBench; `ib evaluate --mask-backend grabc
 references were. The folder appears only when complete.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import webdataset as wds
 from data_tools.synthetic_world import CONTEXTS
 from ib.atomic_write import atomic_folder
 from ib.data.dreambench import PROMPTS_FILE
-from ib.data.shards import resolve_shards
+from ib.data.shards import BadSample, decode_sample, resolve_shards
 from ib.errors import ConfigError
 
 CONTEXT_PROMPTS = [f"a photo of a {{0}} {{1}} {context}" for context in CONTEXTS]
@@ -35,15 +34,23 @@ def build(shards: str, out: Path, photos: int) -> int:
     """-> the number of concepts written (each with up to `photos` photos, in the shards' order)."""
     concepts: dict[str, list[tuple[str, bytes]]] = {}
     classes: dict[str, str] = {}
-    for sample in wds.WebDataset(resolve_shards(shards, "--shards"), shardshuffle=False, empty_check=False):
-        meta = json.loads(sample["json"])
-        name = str(meta["concept"])
-        classes[name] = meta["class"]
+    bad = 0
+    for sample in wds.WebDataset(resolve_shards(shards, "--shards"), shardshuffle=False, empty_check=False,
+                                 handler=wds.warn_and_continue):
+        try:
+            meta = decode_sample(sample)["meta"]
+            name, noun = str(meta["concept"]), meta["class"]
+        except (BadSample, KeyError):  # skipped and counted, as in training
+            bad += 1
+            continue
+        classes[name] = noun
         concepts.setdefault(name, [])
         if len(concepts[name]) < photos:
             concepts[name].append((sample["__key__"], sample["jpg"]))
+    if bad:
+        print(f"{bad} unusable samples skipped", file=sys.stderr)
     if not concepts:
-        raise ConfigError(f"--shards: {shards}: no samples")
+        raise ConfigError(f"--shards: {shards}: no usable samples")
     with atomic_folder(out) as tmp:
         (tmp / PROMPTS_FILE).write_text(prompts_file(classes))
         for name, items in concepts.items():

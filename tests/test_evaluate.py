@@ -194,3 +194,30 @@ def test_the_worlds_held_out_concepts_as_a_dreambench_folder(weights, tmp_path, 
     assert held_out_bench.main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "b2")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: --shards: not found: {tmp_path / 'none'}"]
     assert not (tmp_path / "b2").exists()
+
+
+def test_held_out_bench_skips_and_counts_unusable_samples(tmp_path, synthetic_shards, capsys):
+    """A sample without metadata or with a broken image is skipped and counted, the rest written; a stream
+    with nothing usable stops in one line."""
+    import shutil
+    import webdataset as wds
+    from data_tools import held_out_bench
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for tar in (synthetic_shards / "val").glob("*.tar"):
+        shutil.copy(tar, shards)
+    with wds.TarWriter(str(shards / "zz-bad.tar")) as w:
+        w.write({"__key__": "no_meta", "jpg": b"\xff\xd8", "png": b"", "txt": "a ball"})
+        w.write({"__key__": "broken_image", "jpg": b"not a jpeg", "png": b"", "txt": "a ball",
+                 "json": b'{"concept": "x_999", "class": "ball"}'})
+    assert held_out_bench.main(["--shards", str(shards), "--out", str(tmp_path / "bench")]) == 0
+    out = capsys.readouterr()
+    assert "2 unusable samples skipped" in out.err and "wrote 3 concepts" in out.out
+    assert not (tmp_path / "bench" / "x_999").exists()
+
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copy(shards / "zz-bad.tar", only_bad)
+    assert held_out_bench.main(["--shards", str(only_bad), "--out", str(tmp_path / "b2")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --shards: {only_bad}: no usable samples"
+    assert not (tmp_path / "b2").exists()
