@@ -47,11 +47,16 @@ def test_sd15_architecture_with_adapters():
     assert eps.shape == latents.shape and torch.isfinite(eps).all() and not torch.allclose(eps, plain)
 
 
-def test_sd15_configs_parse_into_a_trainer_with_the_reliability_parts_and_metrics(synthetic_shards):
+def test_sd15_configs_parse_into_a_trainer_with_the_reliability_parts_and_metrics(synthetic_shards, monkeypatch):
     """conf/sd15.yaml alone and with conf/random_weights.yaml go through the real CLI into a Trainer: atomic
     checkpoints, RNG state, the SLURM requeue signal (from the shared conf/trainer/default.yaml) and, with real
     weights, the identity metrics; the overlay keeps every callback but the metrics (its towers would need
-    weights)."""
+    weights). The 1.43 B-parameter model itself is test_sd15_architecture_with_adapters' (built once per suite):
+    here the tiny one stands in for it."""
+    from tests.conftest import default_config
+    tiny, build = default_config()["model"], InstantBooth.from_config
+    monkeypatch.setattr(InstantBooth, "from_config", lambda ldm, image_encoder, **kwargs: build(
+        LDMConfig(**tiny["ldm"]), ImageEncoderConfig(**tiny["image_encoder"]), **kwargs))
     from lightning.pytorch.callbacks import LearningRateMonitor
 
     from ib.callbacks.checkpoint import RunCheckpoint
