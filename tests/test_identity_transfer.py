@@ -70,7 +70,7 @@ def test_the_default_run_transfers_identity_to_held_out_concepts(tmp_path, monke
     exp = Experiment(str(ckpt), str(world / "val"), num_refs=3, timesteps=report["settings"]["timesteps"], seed=0)
     real_refs = exp.refs
     monkeypatch.setattr(exp, "refs", lambda concept, exclude_key: torch.zeros_like(real_refs(concept, exclude_key)))
-    full = exp.losses()["full"]
+    full = exp.losses(("full",))["full"]
     broken = {"loss_own": full["own"]["mean"], "loss_shuffled": full["shuffled"]["mean"],
               "loss_base": report["loss_base"],
               "own_vs_shuffled_reduction": 1 - full["own"]["mean"] / full["shuffled"]["mean"],
@@ -79,4 +79,4 @@ def test_the_default_run_transfers_identity_to_held_out_concepts(tmp_path, monke
     assert shortfalls(broken), broken
     # Sanity of the measurement itself: the unbroken run reproduces its own report's numbers.
     monkeypatch.setattr(exp, "refs", real_refs)
-    assert exp.losses()["full"]["own"]["mean"] == pytest.approx(report["loss_own"], rel=1e-5)
+    assert exp.losses(("full",))["full"]["own"]["mean"] == pytest.approx(report["loss_own"], rel=1e-5)

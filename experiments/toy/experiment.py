@@ -85,7 +85,9 @@ class Experiment:
         return torch.from_numpy(np.concatenate([s["image"][s["mask"]] for s in self.concepts[concept]]))
 
     @torch.no_grad()
-    def losses(self) -> dict:
+    def losses(self, settings: tuple[str, ...] = tuple(SETTINGS)) -> dict:
+        """Fixed-noise losses of each setting in `settings` (names in SETTINGS); a setting's numbers do not
+        depend on which others are computed beside it."""
         m, sched = self.model, self.model.ldm.noise_scheduler
         identifier = m.identifier
         totals = defaultdict(lambda: np.zeros(len(self.timesteps)))
@@ -104,10 +106,11 @@ class Experiment:
             t = torch.tensor(self.timesteps)
             noise = torch.randn((len(t), *latents.shape[1:]), generator=gen)
             noisy = sched.add_noise(latents.expand(len(t), -1, -1, -1), noise, t)
-            own_refs, other_refs = self.refs(concept, s["__key__"]), self.refs(self.partner[concept], None)
-            for setting, (use_concept, beta) in SETTINGS.items():
-                for which, refs in (("own", own_refs), ("shuffled", other_refs)):
-                    concept_vec, visual = m.encode_references(refs[None])
+            encoded = {"own": m.encode_references(self.refs(concept, s["__key__"])[None]),
+                       "shuffled": m.encode_references(self.refs(self.partner[concept], None)[None])}
+            for setting in settings:
+                use_concept, beta = SETTINGS[setting]
+                for which, (concept_vec, visual) in encoded.items():
                     prompt = caption if use_concept else strip_identifier(caption, identifier)
                     text = m.encode_prompts([prompt], concept_vec if use_concept else None).expand(len(t), -1, -1)
                     pred = m.predict_noise(noisy, t, text, visual.expand(len(t), -1, -1), beta)
@@ -120,7 +123,7 @@ class Experiment:
                                   "per_timestep": per_t(totals[setting, which]),
                                   "object_mean": float(object_totals[setting, which].mean() / n),
                                   "object_per_timestep": per_t(object_totals[setting, which])}
-                          for which in ("own", "shuffled")} for setting in SETTINGS}
+                          for which in ("own", "shuffled")} for setting in settings}
 
     @torch.no_grad()
     def identity(self, cfg: SamplingConfig, prompts_per_concept: int) -> tuple[dict, torch.Tensor]:
