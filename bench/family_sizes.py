@@ -9,7 +9,7 @@ on the values).
   step_ms       tiny scales only: one training step (loss, backward, AdamW) at batch 4 and the native size,
                 on this machine's CPU with OMP_NUM_THREADS threads (median of 5 after 2 warm-up steps)
 
-Usage: python bench/family_sizes.py [--scale tiny sd15 sd21] [--out bench/results]
+Usage: python bench/family_sizes.py [--scale tiny sd15 sd21 sdxl] [--out bench/results]
 """
 import argparse
 import datetime

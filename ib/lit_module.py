@@ -92,7 +92,7 @@ class InstantBoothModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"],
                                         beta=self.beta_train, cond_dropout=self.cond_dropout,
-                                        latents=self._precomputed_latents(batch))
+                                        latents=self._precomputed_latents(batch), crops=batch.get("crop"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         if "skipped" in batch:  # bad samples the loader skipped (counted in its workers), summed over ranks
             self.skipped_samples += int(batch["skipped"])
@@ -130,7 +130,8 @@ class InstantBoothModule(L.LightningModule):
         """Fixed noise and timesteps per batch: validation curves compare like with like."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
-            return self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train)
+            return self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train,
+                                            crops=batch.get("crop"))
 
     def on_validation_epoch_start(self):
         self.shuffled_loss = torch.zeros(2, device=self.device)  # this rank's (sum, count)

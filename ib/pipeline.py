@@ -66,6 +66,8 @@ class InstantBoothPipeline(DiffusionPipeline):
     vae = property(lambda self: self.model.ldm.vae)
     text_encoder = property(lambda self: self.model.ldm.text_encoder)
     tokenizer = property(lambda self: self.model.ldm.tokenizer)
+    text_encoder_2 = property(lambda self: self.model.ldm.text_encoder_2)  # SDXL; None otherwise
+    tokenizer_2 = property(lambda self: self.model.ldm.tokenizer_2)
     image_encoder = property(lambda self: self.model.image_encoder)
     identifier = property(lambda self: self.model.identifier)
 
@@ -122,6 +124,9 @@ class InstantBoothPipeline(DiffusionPipeline):
                      "text_encoder": ["transformers", type(self.text_encoder).__name__],
                      "tokenizer": ["transformers", type(self.tokenizer).__name__],
                      "unet": ["diffusers", type(self.unet).__name__], "vae": ["diffusers", type(self.vae).__name__]}
+            if self.text_encoder_2 is not None:
+                index.update(text_encoder_2=["transformers", type(self.text_encoder_2).__name__],
+                             tokenizer_2=["transformers", type(self.tokenizer_2).__name__])
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
     # --- sampling ---------------------------------------------------------------------------------------
@@ -200,11 +205,17 @@ class InstantBoothPipeline(DiffusionPipeline):
             concept, visual = model.encode_references(refs.to(device))
         cond = model.encode_prompts(prompts, concept if cfg.use_concept else None, cfg.alpha)
         beta = cfg.beta if visual is not None else 0.0
+        scale = model.ldm.vae_scale_factor
+        height, width = cfg.height or model.ldm.image_size, cfg.width or model.ldm.image_size
+        added = model.encode_added(prompts, (height, width))  # SDXL; None otherwise
 
         guided = cfg.guidance_scale > 1.0
         skip_rows = 0
         if guided:
             text = torch.cat([model.encode_prompts([""] * len(prompts)), cond])
+            if added is not None:
+                uncond = model.encode_added([""] * len(prompts), (height, width))
+                added = {k: torch.cat([uncond[k], added[k]]) for k in added}
             if visual is not None:
                 if model.uncond_adapters:
                     visual = torch.cat([visual, visual])
@@ -213,8 +224,6 @@ class InstantBoothPipeline(DiffusionPipeline):
         else:
             text = cond
 
-        scale = model.ldm.vae_scale_factor
-        height, width = cfg.height or model.ldm.image_size, cfg.width or model.ldm.image_size
         shape = (len(prompts), unet.config.in_channels, height // scale, width // scale)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -234,7 +243,7 @@ class InstantBoothPipeline(DiffusionPipeline):
             x = torch.cat([latents, latents]) if guided else latents
             x = sched.scale_model_input(x, t)
             eps = predict_noise(x, unet_timesteps[i], text.to(dtype), None if visual is None else visual.to(dtype),
-                                beta, visual_kv, skip_rows)
+                                beta, visual_kv, skip_rows, added)
             if guided:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + cfg.guidance_scale * (eps_c - eps_u)
@@ -262,7 +271,8 @@ def load_instantbooth(pipe: DiffusionPipeline, weights: str | Path, speed=None) 
     dtype_name = DTYPE_NAMES.get(pipe.unet.dtype, "float32")
     source = LDMConfig(pretrained=getattr(pipe, "name_or_path", None) or None)
     ldm = FrozenLDM(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                    DDPMScheduler.from_config(pipe.scheduler.config), source=source)
+                    DDPMScheduler.from_config(pipe.scheduler.config), source=source,
+                    text_encoder_2=getattr(pipe, "text_encoder_2", None), tokenizer_2=getattr(pipe, "tokenizer_2", None))
     model = InstantBooth(ldm, FrozenImageEncoder.build(check_hparams(hparams)[1]), identifier=hparams.get("identifier", "sks"),
                          uncond_adapters=hparams.get("uncond_adapters", True),
                          adapter_blocks=hparams.get("adapter_blocks"),

@@ -17,15 +17,17 @@ def _unet_inputs(model, batch=2, tokens=5):
 
 @torch.no_grad()
 def assert_zero_init_is_the_frozen_unet(model) -> None:
-    """Freshly built adapters leave the UNet bitwise the frozen one; once a gate opens they do not."""
+    """Freshly built adapters leave the UNet bitwise the frozen one; once a gate opens they do not. (SDXL's UNet
+    also gets its added conditioning: a pooled embedding and size/crop ids.)"""
     unet = model.ldm.unet
     x, t, text, visual = _unet_inputs(model)
-    plain = unet(x, t, encoder_hidden_states=text).sample
-    assert torch.equal(unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample,
-                       plain)
+    size = (x.shape[-2] * model.ldm.vae_scale_factor, x.shape[-1] * model.ldm.vae_scale_factor)
+    added = model.encode_added(["a photo of a dog", "a red ball"], size)
+    frozen = lambda **kw: unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added, **kw).sample
+    plain = frozen()
+    assert torch.equal(frozen(cross_attention_kwargs=adapter_kwargs(visual, 1.0)), plain)
     model.adapters[0].gate.fill_(0.5)  # the equality above can fail
-    assert not torch.allclose(unet(x, t, encoder_hidden_states=text,
-                                   cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample, plain)
+    assert not torch.allclose(frozen(cross_attention_kwargs=adapter_kwargs(visual, 1.0)), plain)
 
 
 @torch.no_grad()

@@ -120,10 +120,11 @@ def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion(model, r
     assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs)  # a v-prediction scheduler here
 
 
-@pytest.mark.slow
-def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
-    config = run_config(tmp_path, synthetic_shards, max_steps=2)
-    fit = ["fit", "--config", str(config), "--config", str(TINY_SD21)]
+def assert_fit_resume_export_round_trip(tmp_path, shards, overlay) -> tuple[InstantBooth, InstantBoothPipeline]:
+    """`ib fit` of the default config with a family's overlay, resumed, exported; the exported file's pipeline,
+    saved and reloaded, samples exactly what the checkpoint's model does. -> (model, reloaded pipeline)."""
+    config = run_config(tmp_path, shards, max_steps=2)
+    fit = ["fit", "--config", str(config), "--config", str(overlay)]
     assert main(fit) == 0
     assert main([*fit, "--trainer.max_steps", "3", "--ckpt_path", "last"]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -132,7 +133,6 @@ def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
     assert main(["export", "--ckpt", str(ckpt), "--out", str(exported)]) == 0
 
     model, hparams = load_model(str(ckpt))
-    assert model.ldm.noise_scheduler.config.prediction_type == "v_prediction" and model.ldm.text_width == 48
     pipe = InstantBoothPipeline.from_weights(exported)
     trained_with = SamplingConfig(**hparams["sampling"])  # what the exported file carries as its defaults
     direct = InstantBoothPipeline.from_model(model, trained_with.scheduler, trained_with)
@@ -142,9 +142,16 @@ def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
     assert torch.equal(*images) and images[0].shape == (1, 3, 32, 32)
     pipe.save_pretrained(tmp_path / "pipe")
     reloaded = InstantBoothPipeline.from_pretrained(tmp_path / "pipe")
-    assert reloaded.scheduler.config.prediction_type == "v_prediction"
     assert torch.equal(reloaded(PROMPT, refs, num_inference_steps=3, generator=seeded([1]), output_type="pt").images,
                        images[0])
+    return model, reloaded
+
+
+@pytest.mark.slow
+def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
+    model, reloaded = assert_fit_resume_export_round_trip(tmp_path, synthetic_shards, TINY_SD21)
+    assert model.ldm.noise_scheduler.config.prediction_type == "v_prediction" and model.ldm.text_width == 48
+    assert reloaded.scheduler.config.prediction_type == "v_prediction"
 
 
 class _ParseOnly(InstantBoothCLI):
@@ -152,13 +159,18 @@ class _ParseOnly(InstantBoothCLI):
         pass
 
 
+def parsed_overlay(overlay: str, random_weights: bool, shards):
+    """The config `ib fit --config conf/sd15.yaml --config conf/OVERLAY [--config conf/random_weights.yaml]` reads."""
+    overlays = [ROOT / "conf" / overlay, *([ROOT / "conf" / "random_weights.yaml"] if random_weights else [])]
+    args = ["--config", str(ROOT / "conf" / "sd15.yaml"), *[a for o in overlays for a in ("--config", str(o))],
+            "--trainer.accelerator", "cpu", "--data.train_shards", str(shards / "train"),
+            "--data.val_shards", str(shards / "val")]
+    return _ParseOnly(InstantBoothModule, InstantBoothDataModule, run=False, save_config_callback=None, args=args).config
+
+
 @pytest.mark.parametrize("random_weights", [False, True])
 def test_sd21_overlay_on_the_sd15_recipe(random_weights, synthetic_shards):
-    overlays = [ROOT / "conf" / "sd21.yaml", *([ROOT / "conf" / "random_weights.yaml"] if random_weights else [])]
-    args = ["--config", str(ROOT / "conf" / "sd15.yaml"), *[a for o in overlays for a in ("--config", str(o))],
-            "--trainer.accelerator", "cpu", "--data.train_shards", str(synthetic_shards / "train"),
-            "--data.val_shards", str(synthetic_shards / "val")]
-    cfg = _ParseOnly(InstantBoothModule, InstantBoothDataModule, run=False, save_config_callback=None, args=args).config
+    cfg = parsed_overlay("sd21.yaml", random_weights, synthetic_shards)
     ldm = cfg.model.ldm
     assert ldm.pretrained == (None if random_weights else "stabilityai/stable-diffusion-2-1")
     assert (ldm.unet["cross_attention_dim"], ldm.unet["sample_size"], ldm.unet["use_linear_projection"]) == (1024, 96, True)
@@ -170,14 +182,16 @@ def test_sd21_overlay_on_the_sd15_recipe(random_weights, synthetic_shards):
 
 
 def test_the_family_sizes_bench_at_tiny_scale(tmp_path):
-    """bench/family_sizes.py (the README's family table) through its CLI on the two tiny scales."""
+    """bench/family_sizes.py (the README's family table) through its CLI on the three tiny scales."""
     import json
     from bench.family_sizes import main as sizes_main
-    assert sizes_main(["--scale", "tiny", "tiny_sd21", "--out", str(tmp_path)]) == 0
+    assert sizes_main(["--scale", "tiny", "tiny_sd21", "tiny_sdxl", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("family_sizes-cpu-*.json")
     rows = json.loads(path.read_text())["scales"]
     assert rows["tiny_sd21"]["prediction_type"] == "v_prediction" and rows["tiny"]["prediction_type"] == "epsilon"
     assert rows["tiny_sd21"]["text_width"] == rows["tiny_sd21"]["context_dim"] == 48
-    for r in rows.values():
+    assert rows["tiny_sdxl"]["text_width"] == rows["tiny_sdxl"]["context_dim"] == 64  # two encoders, 32 + 32
+    for scale, adapters in (("tiny", 7), ("tiny_sd21", 7), ("tiny_sdxl", 11)):
+        r = rows[scale]
         assert 0 < r["trainable"] < r["total"] and r["export_bf16_MiB"] < r["export_fp32_MiB"] < r["checkpoint_MiB"]
-        assert sum(r["adapter_widths"].values()) == r["adapters"] == 7 and r["step_ms"] > 0
+        assert sum(r["adapter_widths"].values()) == r["adapters"] == adapters and r["step_ms"] > 0

@@ -7,6 +7,8 @@ skipped (bad samples skipped since the previous batch of the same worker; ib/dat
 training stream (epoch, worker, batches, samples: where that worker's stream stands, for the checkpoint).
 latent_moments (B, 2C, h, w) float16, only from shards made by data_tools.encode_latents: the VAE
 posterior of the (centre-cropped, maybe flipped) target, so training skips the VAE encoder.
+crop (B, 4) int: each target's original height and width and its crop's top-left corner (SDXL's size
+conditioning; ib.data.transforms.crop_geometry).
 The DataLoaders yield image and refs as uint8 0..255; `on_after_batch_transfer` (or `batch_to_float`
 outside a Trainer) makes them float in [0, 1] on the device.
 """
@@ -25,7 +27,7 @@ from ib.data.shards import BadSample, count_samples, decode_sample, resolve_shar
 from ib.data.streams import TrainStream, val_batches_per_rank, val_stream
 from ib.data.concepts import HeldOutConcept, read_held_out_concepts
 from ib.data.references import reference_crop
-from ib.data.transforms import ReferenceAugment, mask_crop, reference_transform, target_transform
+from ib.data.transforms import ReferenceAugment, crop_geometry, mask_crop, reference_transform, target_transform
 from ib.distributed import gather_from_ranks
 from ib.errors import ConfigError
 from ib.preemption import WorkerSignalsLoader, ignore_stop_signals
@@ -89,12 +91,14 @@ class SampleTransform:
         moments = s.get("latent_moments")
         if moments is None:
             tgt = self.target(image=s["image"], mask=s["mask"].astype(np.uint8))
+            flip = any(name == "HorizontalFlip" for name, _ in tgt["applied_transforms"])
         else:  # latents fix the crop; the flip picks the mirrored moments
             tgt = self.fixed_target(image=s["image"], mask=s["mask"].astype(np.uint8))
             flip = bool(self.train and rng.random() < 0.5)
             if flip:
-                tgt = {"image": tgt["image"][:, ::-1], "mask": tgt["mask"][:, ::-1]}
+                tgt = {**tgt, "image": tgt["image"][:, ::-1], "mask": tgt["mask"][:, ::-1]}
             out["latent_moments"] = torch.from_numpy(np.ascontiguousarray(moments[int(flip)]))
+        out["crop"] = torch.tensor(crop_geometry(s["image"].shape, tgt["applied_transforms"], flip))
         out.update({"image": to_tensor(tgt["image"]), "mask": torch.from_numpy(np.ascontiguousarray(tgt["mask"]) > 0)[None],
                     "refs": to_tensor(ref)[None], "caption": caption,
                     "concept": str(s["meta"].get("concept", s["__key__"])), "key": s["__key__"]})

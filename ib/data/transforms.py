@@ -25,12 +25,23 @@ class ReferenceAugment:
 
 
 def target_transform(size: int, train: bool) -> A.Compose:
-    """Resize + crop (+ flip in training), applied to image and mask together."""
+    """Resize + crop (+ flip in training), applied to image and mask together; the result also lists the applied
+    steps with their parameters (`crop_geometry` reads them)."""
     crop = A.RandomCrop(size, size) if train else A.CenterCrop(size, size)
     steps = [A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_AREA), crop]
     if train:
         steps.append(A.HorizontalFlip(p=0.5))
-    return A.Compose(steps)
+    return A.Compose(steps, save_applied_params=True)
+
+
+def crop_geometry(original_shape: tuple[int, ...], applied: list, flipped: bool) -> tuple[int, int, int, int]:
+    """(original height, original width, crop top, crop left) of one target_transform result: SDXL's size
+    conditioning. The crop's top-left is in the resized image, as SDXL was trained; when the target was
+    flipped, the left edge is the mirrored one (where the crop starts in the flipped image)."""
+    params = next(p for name, p in applied if "crop_coords" in p)
+    x0, y0, x1, _ = params["crop_coords"]
+    resized_width = params["shape"][1]
+    return original_shape[0], original_shape[1], y0, resized_width - x1 if flipped else x0
 
 
 def reference_transform(size: int, aug: ReferenceAugment, train: bool) -> A.Compose:

@@ -1,8 +1,10 @@
-"""The frozen latent diffusion model: VAE, text encoder, tokenizer, UNet, noise scheduler.
+"""The frozen latent diffusion model: VAE, text encoder(s), tokenizer(s), UNet, noise scheduler.
 
 One code path loads a diffusers-layout model from a hub id or a local folder; without one, the parts are
 built with random weights from architecture configs (the tiny embedded default, or full SD 1.5 shapes for
-benchmarks).
+benchmarks). The text side is the one thing that differs between the families: one CLIP text encoder (SD 1.x,
+SD 2.x), or two whose penultimate layers are concatenated plus a pooled embedding and the image's size and crop
+as added conditioning (SDXL, a UNet with `addition_embed_type: text_time`).
 """
 import pickle
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMul
                        UniPCMultistepScheduler)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ib.allow_list import check_fields, fields, init_fields
 from ib.errors import ConfigError
@@ -25,15 +27,19 @@ from ib.models.tokenizer import offline_clip_tokenizer
 # The architecture dicts may come from a file someone else wrote (checkpoint, export): architecture fields only.
 # The diffusers constructors take nothing else, so their own parameters are the allow-list; transformers'
 # config base class also takes loading switches (attn_implementation can fetch kernels from the hub).
+_TEXT_ENCODER_FIELDS = fields("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                              "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
+                              "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id",
+                              "bos_token_id", "eos_token_id")
 ARCHITECTURE_FIELDS = {
     "unet": init_fields(UNet2DConditionModel),
     "vae": init_fields(AutoencoderKL),
     "scheduler": init_fields(DDPMScheduler),
-    "text_encoder": fields("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-                           "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
-                           "attention_dropout", "initializer_range", "initializer_factor", "pad_token_id",
-                           "bos_token_id", "eos_token_id"),
+    "text_encoder": _TEXT_ENCODER_FIELDS,
+    "text_encoder_2": _TEXT_ENCODER_FIELDS,
 }
+# SDXL's second tokenizer pads with "!" where the first pads with its end token (the released tokenizers).
+TOKENIZER_2_PAD = "!"
 
 
 # Sampling schedulers by name; each is built from the training noise schedule (`FrozenLDM.sampling_scheduler`).
@@ -48,13 +54,16 @@ class LDMConfig:
     """Where the frozen model comes from.
 
     pretrained: a hub id or a local folder in diffusers layout (unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/). When null, the parts are built with random weights from the architecture dicts below.
+    scheduler/; SDXL also text_encoder_2/, tokenizer_2/). When null, the parts are built with random weights
+    from the architecture dicts below.
+    text_encoder_2: SDXL's second text encoder (CLIPTextModelWithProjection); empty: one text encoder.
     """
     pretrained: str | None = None
     unet: dict = field(default_factory=dict)
     vae: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
+    text_encoder_2: dict = field(default_factory=dict)
     init_seed: int = 0  # random weights are a function of this seed: a checkpoint rebuilds the same frozen parts
 
     def check(self, field_name: str = "model.ldm") -> None:
@@ -78,13 +87,21 @@ class FrozenLDM(nn.Module):
     """Holds the frozen parts; none of them is ever trained."""
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
-                 tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, source: LDMConfig | None = None):
-        """source: where the parts came from (recorded in exported weights as their base)."""
+                 tokenizer: CLIPTokenizer, noise_scheduler: DDPMScheduler, source: LDMConfig | None = None,
+                 text_encoder_2: CLIPTextModelWithProjection | None = None, tokenizer_2: CLIPTokenizer | None = None):
+        """source: where the parts came from (recorded in exported weights as their base).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder; required exactly when the UNet takes added
+        conditioning."""
         super().__init__()
         self.source = source or LDMConfig()
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        self.tokenizer = tokenizer
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.noise_scheduler = noise_scheduler
+        if self.added_conditioning != (text_encoder_2 is not None):
+            raise ConfigError("model.ldm.text_encoder_2: " + (
+                "the UNet takes SDXL's added conditioning (addition_embed_type: text_time), which needs the second "
+                "text encoder" if self.added_conditioning else
+                "a second text encoder needs a UNet with addition_embed_type: text_time (SDXL)"))
         self.requires_grad_(False)
         self.eval()
 
@@ -92,8 +109,34 @@ class FrozenLDM(nn.Module):
         return super().train(False)
 
     @property
+    def added_conditioning(self) -> bool:
+        """SDXL: the UNet also takes a pooled text embedding and the image's size and crop (`time_ids`)."""
+        return self.unet.config.addition_embed_type == "text_time"
+
+    @property
+    def text_encoders(self) -> list[CLIPTextModel]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    @property
+    def tokenizers(self) -> list[CLIPTokenizer]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
     def text_width(self) -> int:
-        return self.text_encoder.config.hidden_size
+        """Width of the text states the UNet attends to (SDXL: both encoders' widths together)."""
+        return sum(e.config.hidden_size for e in self.text_encoders)
+
+    def encode_text(self, ids: list[torch.Tensor]) -> torch.Tensor:
+        """Token ids, one tensor (B, L) per tokenizer -> the UNet's text states (B, L, text_width): the last
+        layer of the one encoder (SD 1.x / 2.x), or each encoder's penultimate layer, concatenated (SDXL)."""
+        if self.text_encoder_2 is None:
+            return self.text_encoder(ids[0])[0]
+        return torch.cat([encoder(i, output_hidden_states=True).hidden_states[-2]
+                          for encoder, i in zip(self.text_encoders, ids)], dim=-1)
+
+    def encode_pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """The second tokenizer's ids (B, L) -> SDXL's pooled text embedding (B, projection_dim)."""
+        return self.text_encoder_2(ids).text_embeds
 
     @property
     def latent_scale(self) -> float:
@@ -122,11 +165,18 @@ class FrozenLDM(nn.Module):
             unet = UNet2DConditionModel(**cfg.unet)
             vae = AutoencoderKL(**cfg.vae)
             text_encoder = CLIPTextModel(CLIPTextConfig(**cfg.text_encoder))
+            text_encoder_2 = (CLIPTextModelWithProjection(CLIPTextConfig(**cfg.text_encoder_2))
+                              if cfg.text_encoder_2 else None)
         tokenizer = offline_clip_tokenizer(cfg.text_encoder.get("max_position_embeddings", 77))
-        if len(tokenizer) > text_encoder.config.vocab_size:
-            raise ConfigError(f"model.ldm.text_encoder.vocab_size: {text_encoder.config.vocab_size} is smaller "
-                              f"than the CLIP tokenizer's {len(tokenizer)}")
-        return cls(unet, vae, text_encoder, tokenizer, DDPMScheduler(**cfg.scheduler), source=cfg)
+        tokenizer_2 = None
+        if text_encoder_2 is not None:
+            tokenizer_2 = offline_clip_tokenizer(cfg.text_encoder_2.get("max_position_embeddings", 77), TOKENIZER_2_PAD)
+        for name, encoder, tok in (("text_encoder", text_encoder, tokenizer), ("text_encoder_2", text_encoder_2, tokenizer_2)):
+            if encoder is not None and len(tok) > encoder.config.vocab_size:
+                raise ConfigError(f"model.ldm.{name}.vocab_size: {encoder.config.vocab_size} is smaller "
+                                  f"than the CLIP tokenizer's {len(tok)}")
+        return cls(unet, vae, text_encoder, tokenizer, DDPMScheduler(**cfg.scheduler), source=cfg,
+                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
     @classmethod
     def _load(cls, name: str) -> "FrozenLDM":
@@ -148,13 +198,19 @@ class FrozenLDM(nn.Module):
             text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", weights_only=True, **f32)
             tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
             scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
+            text_encoder_2 = tokenizer_2 = None
+            if unet.config.addition_embed_type == "text_time":  # SDXL: the UNet says a second encoder is there
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                    src, subfolder="text_encoder_2", weights_only=True, **f32)
+                tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2")
         except pickle.UnpicklingError as e:
             raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': a weights file is not weights-only "
                               f"(it holds more than tensors; loading it could run code): refused") from e
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': {first}") from e
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, source=LDMConfig(pretrained=name))
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, source=LDMConfig(pretrained=name),
+                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
 
     def save_pretrained(self, folder: str | Path, scheduler=None) -> None:
         """Diffusers layout, loadable by `pretrained: folder` (and by diffusers itself). scheduler: what goes
@@ -164,6 +220,9 @@ class FrozenLDM(nn.Module):
         self.vae.save_pretrained(folder / "vae")
         self.text_encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.save_pretrained(folder / "text_encoder_2")
+            self.tokenizer_2.save_pretrained(folder / "tokenizer_2")
         (scheduler or self.noise_scheduler).save_pretrained(folder / "scheduler")
 
     def sampling_scheduler(self, kind: str = "ddim"):

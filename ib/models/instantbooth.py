@@ -9,7 +9,7 @@ from ib.models.adapter import GatedSelfAttentionAdapter, adapter_kwargs, install
 from ib.models.cuda_graph import CUDAGraphCache
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.models.heads import ConceptHead, PatchHead
-from ib.identifier import tokenize_with_identifier
+from ib.identifier import strip_identifier, tokenize_with_identifier
 from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig
 from ib.models.speed import DTYPES, SpeedConfig, apply_speed, as_speed_config
 
@@ -131,24 +131,61 @@ class InstantBooth(nn.Module):
 
     def encode_prompts(self, prompts: list[str], concept: torch.Tensor | None = None,
                        alpha: float = 1.0) -> torch.Tensor:
-        """Frozen text encoder, then the identifier's output embeddings := α·f_c (at every V̂ position)."""
-        ids, where = tokenize_with_identifier(self.ldm.tokenizer, prompts, self.identifier)
-        device = self.concept_head.proj.weight.device
+        """Frozen text encoder(s), then the identifier's output embeddings := α·f_c (at every V̂ position; with
+        two encoders f_c spans both: it replaces V̂'s states in each)."""
+        tokenized = [tokenize_with_identifier(tok, prompts, self.identifier) for tok in self.ldm.tokenizers]
+        where = tokenized[0][1]  # SDXL's two tokenizers split a prompt alike (one BPE vocabulary); only padding differs
+        device = self.device
         with torch.no_grad(), self.frozen_compute():
-            text = self.ldm.text_encoder(ids.to(device))[0]
+            text = self._zeroed_if_empty(prompts, self.ldm.encode_text([ids.to(device) for ids, _ in tokenized]))
         if concept is None:
             return text
         injected = (alpha * concept).to(text.dtype)[:, None, :].expand_as(text)
         return torch.where(where.to(device)[..., None], injected, text)
 
+    def encode_added(self, prompts: list[str], size: tuple[int, int],
+                     crops: torch.Tensor | None = None) -> dict[str, torch.Tensor] | None:
+        """SDXL's added conditioning, None for one-encoder families.
+        text_embeds: the pooled embedding of each prompt with V̂ taken out. The pooled output reads every
+            token, and V̂'s input embedding is an untrained word: taken out, the pooled vector says what the
+            prompt says about the class and scene, and only f_c and the adapters carry the subject.
+        time_ids (B, 6): original height and width, crop top and left, target height and width. crops (B, 4):
+            each image's original size and crop top-left as the data pipeline applied them (training); None:
+            an uncropped image at the target `size` (sampling)."""
+        if not self.ldm.added_conditioning:
+            return None
+        tok, device = self.ldm.tokenizer_2, self.device
+        ids = tok([strip_identifier(p, self.identifier) for p in prompts], padding="max_length",
+                  max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad(), self.frozen_compute():
+            pooled = self._zeroed_if_empty(prompts, self.ldm.encode_pooled(ids.to(device)))
+        h, w = size
+        if crops is None:
+            crops = torch.tensor([[h, w, 0, 0]]).expand(len(prompts), 4)
+        time_ids = torch.cat([crops.to(device, torch.float32), torch.tensor([[h, w]], device=device).expand(len(prompts), 2)], 1)
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+    def _zeroed_if_empty(self, prompts: list[str], x: torch.Tensor) -> torch.Tensor:
+        """SDXL's unconditional input is zeros, not the encoded empty prompt (its released base's setting,
+        diffusers' force_zeros_for_empty_prompt): condition dropout in training and guidance's unconditional
+        branch both get it. One-encoder families keep the encoded empty prompt."""
+        if not self.ldm.added_conditioning:
+            return x
+        empty = torch.tensor([p == "" for p in prompts], device=x.device).view(-1, *[1] * (x.ndim - 1))
+        return torch.where(empty, torch.zeros_like(x), x)
+
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                       visual: torch.Tensor | None, beta, visual_kv: tuple | None = None,
-                      skip_rows: int = 0) -> torch.Tensor:
-        """skip_rows: the first rows of the batch are the plain frozen model (visual has the others only)."""
+                      skip_rows: int = 0, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """skip_rows: the first rows of the batch are the plain frozen model (visual has the others only).
+        added: SDXL's added conditioning (encode_added)."""
         unet = self.ldm.unet
+        if added is not None:
+            added = {k: v.to(unet.dtype) for k, v in added.items()}
         with self.frozen_compute():
             return unet(noisy.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype),
-                        cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv, skip_rows)).sample
+                        cross_attention_kwargs=adapter_kwargs(visual, beta, visual_kv, skip_rows),
+                        added_cond_kwargs=added).sample
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         with self.frozen_compute():
@@ -156,9 +193,11 @@ class InstantBooth(nn.Module):
 
     # --- training objective ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, refs: torch.Tensor, captions: list[str],
-                      beta: float = 1.0, cond_dropout: float = 0.0, latents: torch.Tensor | None = None) -> torch.Tensor:
+                      beta: float = 1.0, cond_dropout: float = 0.0, latents: torch.Tensor | None = None,
+                      crops: torch.Tensor | None = None) -> torch.Tensor:
         """Denoising loss on the full, unmasked target; refs are the augmented, masked object crops.
-        latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped)."""
+        latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped).
+        crops (B, 4): original height, width, crop top, left of each target (SDXL's size conditioning)."""
         sched = self.ldm.noise_scheduler
         if latents is None:
             with self.frozen_compute():
@@ -175,7 +214,8 @@ class InstantBooth(nn.Module):
         beta_per_sample = torch.full((len(captions), 1, 1), float(beta), device=latents.device)
         if not self.uncond_adapters:
             beta_per_sample[drop.to(latents.device)] = 0.0
-        pred = self.predict_noise(noisy, t, text, visual, beta_per_sample if drop.any() else beta)
+        added = self.encode_added(prompts, tuple(images.shape[-2:]), crops)
+        pred = self.predict_noise(noisy, t, text, visual, beta_per_sample if drop.any() else beta, added=added)
 
         if sched.config.prediction_type == "v_prediction":
             target = sched.get_velocity(latents, noise, t)

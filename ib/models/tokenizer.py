@@ -34,10 +34,10 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     return {tok: i for i, tok in enumerate(vocab)}, merges
 
 
-def offline_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """The tokenizer of Stable Diffusion 1.x (openai CLIP BPE), with no download."""
+def offline_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
+    """The tokenizer of Stable Diffusion 1.x (openai CLIP BPE), with no download; pad_token "!": SDXL's second."""
     vocab, merges = _vocab_and_merges()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
         (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length, pad_token="<|endoftext|>")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=model_max_length, pad_token=pad_token)

@@ -1,0 +1,174 @@
+"""The SDXL family (two text encoders, a pooled embedding and size/crop ids as added conditioning) through the same
+code as SD 1.x: the tiny overlay conf/tiny_sdxl.yaml end to end, and conf/sdxl.yaml's shapes."""
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import StableDiffusionXLPipeline
+
+from ib.data.datamodule import SampleTransform
+from ib.data.transforms import ReferenceAugment
+from ib.identifier import tokenize_with_identifier
+from ib.models.frozen_ldm import LDMConfig
+from ib.models.image_encoder import ImageEncoderConfig
+from ib.models.instantbooth import InstantBooth
+from ib.pipeline import InstantBoothPipeline
+from tests.conftest import ROOT, default_config
+from tests.test_adapters import assert_zero_init_is_the_frozen_unet
+from tests.test_pipeline import trained_like
+from tests.test_sd21_family import assert_fit_resume_export_round_trip, parsed_overlay
+
+TINY_SDXL = ROOT / "conf" / "tiny_sdxl.yaml"
+PROMPT = "a photo of a sks dog next to another sks dog"
+
+
+def build(seed: int = 0) -> InstantBooth:
+    ldm = yaml.safe_load(TINY_SDXL.read_text())["model"]["ldm"]
+    torch.manual_seed(seed)
+    return InstantBooth.from_config(LDMConfig(**ldm), ImageEncoderConfig(**default_config()["model"]["image_encoder"]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return trained_like(build())
+
+
+@pytest.fixture(scope="module")
+def refs():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(3, 40, 30, generator=g) * 255).byte() for _ in range(2)]
+
+
+def test_the_tiny_model_has_the_family_traits(model):
+    ldm = model.ldm
+    assert ldm.added_conditioning and len(ldm.text_encoders) == 2 and ldm.tokenizer_2.pad_token == "!"
+    assert model.concept_head.proj.out_features == ldm.text_width == ldm.unet.config.cross_attention_dim == 64
+    widths = sorted(a.norm.normalized_shape[0] for a in model.adapters)
+    assert widths == [32] * 3 + [64] * 8  # 1 + 2 down, 2 mid, 4 + 2 up: two transformer layers in the last level
+
+
+def test_zero_init_adapters_are_bitwise_the_frozen_unet():
+    assert_zero_init_is_the_frozen_unet(build())
+
+
+@torch.no_grad()
+def test_the_concept_replaces_the_identifier_in_both_encoders_at_every_position(model):
+    wheres = [tokenize_with_identifier(tok, [PROMPT], "sks")[1] for tok in model.ldm.tokenizers]
+    assert torch.equal(*wheres) and wheres[0].sum() == 2  # the two tokenizers put V̂ at the same places
+    concept = torch.randn(1, 64)
+    text = model.encode_prompts([PROMPT], concept, alpha=0.4)
+    plain = model.encode_prompts([PROMPT])
+    replaced = (text != plain).any(-1)[0]
+    assert torch.equal(replaced, wheres[0][0])
+    # all 64 features: the first encoder's 32 and the second's 32
+    assert torch.equal(text[0, replaced], (0.4 * concept).expand(2, -1))
+
+
+@torch.no_grad()
+def test_the_pooled_embedding_never_reads_the_identifier(model):
+    """V̂'s input embedding (an untrained word) does not reach the added conditioning: the pooled embedding is the
+    one of the prompt without V̂, whatever V̂'s embedding row holds."""
+    pooled = lambda prompts: model.encode_added(prompts, (32, 32))["text_embeds"]
+    with_identifier = pooled([PROMPT])
+    assert torch.equal(with_identifier, pooled(["a photo of a dog next to another dog"]))
+    sks = model.ldm.tokenizer_2("sks", add_special_tokens=False).input_ids
+    rows = model.ldm.text_encoder_2.get_input_embeddings().weight
+    saved = rows[sks].clone()
+    try:
+        rows[sks] += 5.0  # another identifier embedding: the pooled vector must not move
+        assert torch.equal(pooled([PROMPT]), with_identifier)
+        assert not torch.equal(pooled(["a photo of a sks"]), pooled(["a photo of a dog"]))  # the row is read elsewhere
+    finally:
+        rows[sks] = saved
+    # The unconditional input (empty prompt: condition dropout, guidance) is zeros, as the released base's.
+    empty = model.encode_added([""], (32, 32))
+    assert not empty["text_embeds"].any() and not model.encode_prompts([""]).any()
+
+
+def test_time_ids_are_the_crop_the_data_pipeline_applied():
+    """A 40 x 60 image, resized to 32 x 48 and randomly cropped to 32 x 32 (and flipped half of the time): the crop
+    record says where the target came from, so the target equals that crop of the resized image."""
+    g = np.random.default_rng(0)
+    image = g.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:40] = True
+    resized = cv2.resize(image, (48, 32), interpolation=cv2.INTER_AREA)
+    transform = SampleTransform(32, 16, "sks", ReferenceAugment(), train=True)
+    seen = set()
+    for seed in range(12):
+        transform.reseed(seed)
+        out = transform({"image": image, "mask": mask, "caption": "a dog", "meta": {"class": "dog"}, "__key__": "k"})
+        h, w, top, left = out["crop"].tolist()
+        assert (h, w) == (40, 60) and top == 0
+        target = out["image"].permute(1, 2, 0).numpy()
+        flipped = not np.array_equal(target, resized[:, left:left + 32])
+        if flipped:  # the left edge is the mirrored one: where the crop starts in the flipped image
+            assert np.array_equal(target, resized[:, ::-1][:, left:left + 32])
+        seen.add((flipped, left))
+    assert {f for f, _ in seen} == {False, True} and len({left for _, left in seen}) > 3
+    model = build()
+    added = model.encode_added(["a sks dog"], (32, 32), out["crop"][None])
+    assert added["time_ids"].tolist() == [[40, 60, top, left, 32, 32]]
+    assert model.encode_added(["a sks dog"], (32, 32))["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]  # sampling
+
+
+def test_training_steps_change_the_trained_part_only():
+    m = build()
+    frozen = {k: p.detach().clone() for k, p in m.named_parameters() if not p.requires_grad}
+    trainable = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
+    assert any(k.startswith("ldm.text_encoder_2.") for k in frozen)
+    optim = torch.optim.AdamW([p for group in m.param_groups().values() for p in group], lr=1e-2)
+    torch.manual_seed(0)
+    crops = torch.tensor([[40, 60, 0, 9], [32, 32, 0, 0]])
+    for _ in range(2):
+        loss = m.training_loss(torch.rand(2, 3, 32, 32), torch.rand(2, 2, 3, 32, 32), ["a sks ball", "a sks box"],
+                               cond_dropout=0.5, crops=crops)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    after = dict(m.named_parameters())
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(after[k], v) for k, v in trainable.items())
+
+
+@torch.no_grad()
+def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion_xl(model, refs):
+    """diffusers' own StableDiffusionXLPipeline on the same modules and scheduler gives the same images."""
+    pipe = InstantBoothPipeline.from_model(model)
+    ldm = model.ldm
+    sdxl = StableDiffusionXLPipeline(vae=ldm.vae, text_encoder=ldm.text_encoder, text_encoder_2=ldm.text_encoder_2,
+                                     tokenizer=ldm.tokenizer, tokenizer_2=ldm.tokenizer_2, unet=ldm.unet,
+                                     scheduler=pipe.scheduler, add_watermarker=False)
+    for p in (sdxl, pipe):
+        p.set_progress_bar_config(disable=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    prompts = ["a photo of a toy on the grass", "a red ball"]
+    plain = sdxl(prompts, latents=latents, num_inference_steps=4, guidance_scale=7.5, output_type="pt").images
+    ours = pipe(prompts, refs, beta=0.0, latents=latents, num_inference_steps=4, guidance_scale=7.5,
+                output_type="pt").images
+    assert (plain - ours).abs().max() <= 1e-5
+    adapted = pipe(prompts, refs, beta=1.0, latents=latents, num_inference_steps=4, output_type="pt").images
+    assert (plain - adapted).abs().max() > 1e-3  # the adapters do change images: the equality is not vacuous
+
+
+@pytest.mark.slow
+def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
+    model, reloaded = assert_fit_resume_export_round_trip(tmp_path, synthetic_shards, TINY_SDXL)
+    assert model.ldm.added_conditioning and model.ldm.text_width == 64
+    assert (tmp_path / "pipe" / "text_encoder_2").is_dir() and reloaded.text_encoder_2 is not None
+    assert reloaded.tokenizer_2.pad_token == "!"
+
+
+@pytest.mark.parametrize("random_weights", [False, True])
+def test_sdxl_overlay_on_the_sd15_recipe(random_weights, synthetic_shards):
+    cfg = parsed_overlay("sdxl.yaml", random_weights, synthetic_shards)
+    ldm = cfg.model.ldm
+    assert ldm.pretrained == (None if random_weights else "stabilityai/stable-diffusion-xl-base-1.0")
+    assert (ldm.unet["cross_attention_dim"], ldm.unet["sample_size"]) == (2048, 128)
+    assert ldm.text_encoder["hidden_size"] + ldm.text_encoder_2["hidden_size"] == 2048
+    # the added conditioning's input: the pooled embedding and six ids at the time-embedding width
+    assert ldm.unet["projection_class_embeddings_input_dim"] == (
+        ldm.text_encoder_2["projection_dim"] + 6 * ldm.unet["addition_time_embed_dim"])
+    assert cfg.data.image_size == 1024 and cfg.trainer.default_root_dir == "runs/sdxl"
+    assert cfg.model.optim.lr_heads == 1e-4  # the recipe is SD 1.5's
