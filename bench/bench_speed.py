@@ -18,7 +18,7 @@ What it measures, in one run on one device:
   --sweep   every speed switch (ib/models/speed.py) on its own against the all-off baseline, then all the
             recommended ones together.
 
-Usage: python bench/bench_speed.py [--scale tiny|sd15|sd21] [--sweep] [switch flags] [--out bench/results]
+Usage: python bench/bench_speed.py [--scale tiny|sd15|sd21|sdxl] [--sweep] [switch flags] [--out bench/results]
 """
 import argparse
 import copy
@@ -58,7 +58,9 @@ DEFAULTS = {  # per scale: what a run on its intended device can afford
     # budget: what is left is skipped (and said so) so a 10-minute GPU slot still writes its JSON
     "sd15": dict(batch=32, iters=10, warmup=3, sample_iters=3, dreambooth_steps=200, budget_s=450),
     "sd21": dict(batch=16, iters=10, warmup=3, sample_iters=3, dreambooth_steps=200, budget_s=450),  # 768 px
+    "sdxl": dict(batch=8, iters=10, warmup=3, sample_iters=3, dreambooth_steps=100, budget_s=450),  # 1024 px
 }
+DEFAULTS.update(tiny_sd21=DEFAULTS["tiny"], tiny_sdxl=DEFAULTS["tiny"])
 PROMPT = "a photo of a sks dog on the beach"
 DREAMBOOTH_STEPS = 400  # the diffusers DreamBooth recipe
 GATE = 0.1  # adapters opened a little, as after training (cost does not depend on it)
@@ -321,9 +323,11 @@ class Bench:
             with self.autocast(SpeedConfig()):
                 latents = model.ldm.encode_images(images)
                 text = model.encode_prompts(captions)
+                added = model.encode_added(captions, tuple(images.shape[-2:]))  # SDXL; None otherwise
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, sched.config.num_train_timesteps, (bs,), device=self.dev)
-                pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+                pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text,
+                            added_cond_kwargs=added).sample
             torch.nn.functional.mse_loss(pred.float(), noise.float()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -1,12 +1,17 @@
 """The SDXL family (two text encoders, a pooled embedding and size/crop ids as added conditioning) through the same
 code as SD 1.x: the tiny overlay conf/tiny_sdxl.yaml end to end, and conf/sdxl.yaml's shapes."""
+import json
+
 import cv2
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import yaml
 from diffusers import StableDiffusionXLPipeline
 
+from data_tools import held_out_bench
+from ib.cli import main
 from ib.data.datamodule import SampleTransform
 from ib.data.transforms import ReferenceAugment
 from ib.identifier import tokenize_with_identifier
@@ -153,11 +158,29 @@ def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion_xl(model
 
 
 @pytest.mark.slow
-def test_fit_resume_export_and_pipeline_round_trip(tmp_path, synthetic_shards):
+def test_fit_resume_export_pipeline_generate_and_evaluate(tmp_path, synthetic_shards, capsys):
     model, reloaded = assert_fit_resume_export_round_trip(tmp_path, synthetic_shards, TINY_SDXL)
     assert model.ldm.added_conditioning and model.ldm.text_width == 64
     assert (tmp_path / "pipe" / "text_encoder_2").is_dir() and reloaded.text_encoder_2 is not None
     assert reloaded.tokenizer_2.pad_token == "!"
+
+    # `ib generate` and `ib evaluate` on the exported file, at the native size; a size the VAE cannot take: one line
+    exported, bench = str(tmp_path / "ib.safetensors"), tmp_path / "bench"
+    assert held_out_bench.main(["--shards", str(synthetic_shards / "val"), "--out", str(bench), "--photos", "2"]) == 0
+    refs = [str(p) for p in sorted(bench.glob("ball_006/*.jpg"))]
+    assert main(["generate", "--weights", exported, "--ref", *refs, "--prompt", "a sks ball", "--steps", "2",
+                 "--out", str(tmp_path / "gen")]) == 0
+    assert PIL.Image.open(tmp_path / "gen" / "seed000000.png").size == (32, 32)
+    assert main(["evaluate", "--weights", exported, "--data", str(bench), "--out", str(tmp_path / "eval"),
+                 "--max-subjects", "1", "--max-prompts", "1", "--num-images", "1", "--steps", "1",
+                 "--backbones", str(ROOT / "conf" / "metrics" / "tiny.yaml")]) == 0
+    assert set(json.loads((tmp_path / "eval" / "report.json").read_text())["overall"]) >= {"clip_i", "clip_t", "dino"}
+    capsys.readouterr()
+    assert main(["generate", "--weights", exported, "--ref", *refs, "--prompt", "a sks ball", "--height", "30",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ib: error: --height: must be a multiple of 4 (the VAE's downsampling factor), got 30"]
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("random_weights", [False, True])

@@ -204,11 +204,12 @@ def test_lit_module_keeps_speed_in_hparams_and_fuses_adamw():
 
 
 @pytest.mark.slow
-def test_bench_runs_at_tiny_scale_and_writes_json(tmp_path):
+@pytest.mark.parametrize("scale", ["tiny", "tiny_sdxl"])  # SD 1.x's text side, and SDXL's added conditioning
+def test_bench_runs_at_tiny_scale_and_writes_json(tmp_path, scale):
     from bench.bench_speed import main
-    main(["--scale", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1", "--warmup", "1", "--sample-steps", "2",
+    main(["--scale", scale, "--device", "cpu", "--batch", "2", "--iters", "1", "--warmup", "1", "--sample-steps", "2",
           "--sample-iters", "1", "--dreambooth-steps", "3", "--cache-visual-kv", "--out", str(tmp_path)])
-    (path,) = tmp_path.glob("bench-tiny-cpu-*.json")
+    (path,) = tmp_path.glob(f"bench-{scale}-cpu-*.json")
     res = json.loads(path.read_text())
     for key in ("device", "train_samples_per_s", "train_mfu", "sample_s_per_image_bs1", "sample_s_per_image_bs4",
                 "adapter_overhead", "speedup_vs_dreambooth", "date", "commit", "torch"):
