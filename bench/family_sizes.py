@@ -1,5 +1,7 @@
 """Per model family: what trains and what is stored, measured on CPU with random weights (sizes do not depend
-on the values).
+on the values). Above the tiny scales the frozen latent diffusion model is built on the meta device (shapes, no
+memory: SDXL's 3.4 B frozen parameters would not fit a 24 GiB machine beside its trained part's AdamW state);
+the image encoder and the trained part are allocated.
 
   trainable     parameters of the heads and adapters; total: with the frozen parts
   adapters      how many, and their widths
@@ -9,7 +11,8 @@ on the values).
   step_ms       tiny scales only: one training step (loss, backward, AdamW) at batch 4 and the native size,
                 on this machine's CPU with OMP_NUM_THREADS threads (median of 5 after 2 warm-up steps)
 
-Usage: python bench/family_sizes.py [--scale tiny sd15 sd21 sdxl] [--out bench/results]
+Usage: python bench/family_sizes.py [--scale tiny sd15 sd21 sdxl] [--adapter-blocks PREFIX ...] [--out bench/results]
+  --adapter-blocks: adapters in those UNet blocks only (model.adapter_blocks); the file name lists them.
 """
 import argparse
 import datetime
@@ -26,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.scales import CONFIGS, model_config  # noqa: E402
 from ib.atomic_write import write_json  # noqa: E402
-from ib.models.frozen_ldm import LDMConfig  # noqa: E402
-from ib.models.image_encoder import ImageEncoderConfig  # noqa: E402
+from ib.models.frozen_ldm import FrozenLDM, LDMConfig  # noqa: E402
+from ib.models.image_encoder import FrozenImageEncoder, ImageEncoderConfig  # noqa: E402
 from ib.models.instantbooth import InstantBooth  # noqa: E402
 from ib.weights import export_weights  # noqa: E402
 
@@ -35,10 +38,18 @@ MIB = 2 ** 20
 
 
 @torch.no_grad()
-def measure(scale: str) -> dict:
+def measure(scale: str, adapter_blocks: list[str] | None = None) -> dict:
     m = model_config(scale)
     torch.manual_seed(0)
-    model = InstantBooth.from_config(LDMConfig(**m["ldm"]), ImageEncoderConfig(**m["image_encoder"]))
+    tiny = scale.startswith("tiny")
+    image_encoder = FrozenImageEncoder.build(ImageEncoderConfig(**m["image_encoder"]))
+    with torch.device("cpu" if tiny else "meta"):
+        model = InstantBooth(FrozenLDM.from_config(LDMConfig(**m["ldm"])), image_encoder, adapter_blocks=adapter_blocks)
+    if not tiny:
+        for part in (model.concept_head, model.patch_head, model.adapters):
+            part.to_empty(device="cpu")
+            for p in part.parameters():
+                torch.nn.init.normal_(p, std=0.02)
     trainable = [p for p in model.parameters() if p.requires_grad]
     out = {"trainable": sum(p.numel() for p in trainable), "total": sum(p.numel() for p in model.parameters()),
            "adapters": len(model.adapters),
@@ -56,7 +67,7 @@ def measure(scale: str) -> dict:
         ckpt = Path(tmp) / "ckpt.pt"
         torch.save({"state_dict": model.trainable_state_dict(), "optimizer_states": [optim.state_dict()]}, ckpt)
         out["checkpoint_MiB"] = round(ckpt.stat().st_size / MIB, 1)
-    if scale.startswith("tiny"):
+    if tiny:
         out["step_ms"] = step_ms(model, optim)
     return out
 
@@ -80,19 +91,23 @@ def step_ms(model, optim, batch: int = 4) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    ap.add_argument("--adapter-blocks", nargs="+", default=None, metavar="PREFIX",
+                    help="adapters in these UNet blocks only (model.adapter_blocks), e.g. down_blocks.2 mid_block")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     a = ap.parse_args(argv)
     rows = {}
     print(f"{'scale':9} {'trainable':>12} {'total':>15} {'adapters':>8} {'export fp32/bf16 MiB':>21} {'ckpt MiB':>9} "
           f"{'step ms':>8}")
     for scale in a.scale:
-        rows[scale] = r = measure(scale)
+        rows[scale] = r = measure(scale, a.adapter_blocks)
         print(f"{scale:9} {r['trainable']:>12,} {r['total']:>15,} {r['adapters']:>8} "
               f"{r['export_fp32_MiB']:>10} / {r['export_bf16_MiB']:<8} {r['checkpoint_MiB']:>9} "
               f"{r.get('step_ms', '-'):>8}", flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    path = a.out / f"family_sizes-cpu-{datetime.date.today()}.json"
-    write_json(path, {"date": str(datetime.date.today()), "commit": commit, "device": "cpu", "scales": rows}, indent=1)
+    blocks = "-blocks-" + "-".join(a.adapter_blocks) if a.adapter_blocks else ""
+    path = a.out / f"family_sizes-cpu-{datetime.date.today()}{blocks}.json"
+    write_json(path, {"date": str(datetime.date.today()), "commit": commit, "device": "cpu",
+                      "adapter_blocks": a.adapter_blocks, "scales": rows}, indent=1)
     print(f"-> {path}")
     return 0
 
