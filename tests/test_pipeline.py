@@ -1,8 +1,7 @@
 """InstantBoothPipeline: diffusers-native loading, saving, schedulers, base swap, and its agreement with plain SD."""
 import json
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        EulerDiscreteScheduler, StableDiffusionPipeline, UniPCMultistepScheduler)
 from PIL import Image
 
+from ib.cli import main
 from ib.errors import ConfigError
 from ib.models.adapter import adapters_removed
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
@@ -214,9 +214,7 @@ def test_old_export_files_load_and_give_the_same_images(model, weights, refs, tm
     assert torch.equal(run(InstantBoothPipeline.from_weights(old), refs), run(InstantBoothPipeline.from_weights(weights), refs))
     # `ib export` converts one to the current format.
     new = tmp_path / "new.safetensors"
-    r = subprocess.run([sys.executable, "-m", "ib.cli", "export", "--ckpt", str(old), "--out", str(new)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert main(["export", "--ckpt", str(old), "--out", str(new)]) == 0
     assert torch.equal(run(InstantBoothPipeline.from_weights(new), refs), run(InstantBoothPipeline.from_weights(weights), refs))
 
 
@@ -281,16 +279,19 @@ def test_the_reference_size_has_one_source_the_image_encoder(tmp_path, synthetic
                         args=["--config", config, "--data.reference_size", "48"])
 
 
-def _ib(*args):
-    return subprocess.run([sys.executable, "-m", "ib.cli", *map(str, args)], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+def _ib(capsys, *args) -> SimpleNamespace:
+    """`ib ARGS` in this process (the entry point's exit codes and one-line errors are tested through real
+    processes in test_config_validation / test_cli_errors): exit code and standard error."""
+    capsys.readouterr()
+    returncode = main([str(a) for a in args])
+    return SimpleNamespace(returncode=returncode, stderr=capsys.readouterr().err)
 
 
-def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tmp_path):
+def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tmp_path, capsys):
     ref = tmp_path / "ref.png"
     Image.fromarray(refs[0].permute(1, 2, 0).numpy()).save(ref)
     base = _base_folder(model, tmp_path / "base")
-    r = _ib("generate", "--weights", weights, "--base", base, "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
+    r = _ib(capsys, "generate", "--weights", weights, "--base", base, "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
             "--prompt", PROMPT, "--out", tmp_path / "out", "--num-images", "2")
     assert r.returncode == 0, r.stderr
     settings = json.loads((tmp_path / "out" / "settings.json").read_text())
@@ -298,34 +299,34 @@ def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tm
     assert len(list((tmp_path / "out").glob("seed*.png"))) == 2
     # A saved pipeline folder works as --weights too, and gives the same image for the same seed.
     InstantBoothPipeline.from_weights(weights, base=base).save_pretrained(tmp_path / "pipe")
-    r = _ib("generate", "--weights", tmp_path / "pipe", "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
+    r = _ib(capsys, "generate", "--weights", tmp_path / "pipe", "--scheduler", "dpm++", "--steps", "3", "--ref", ref,
             "--prompt", PROMPT, "--out", tmp_path / "out2", "--num-images", "2")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out2" / "seed000000.png")),
                           np.asarray(Image.open(tmp_path / "out" / "seed000000.png")))
 
 
-def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp_path):
+def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp_path, capsys):
     cfg = random_parts()
     FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "cross_attention_dim": 48}})).save_pretrained(
         tmp_path / "other")
     ref = tmp_path / "ref.png"
     Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(ref)
-    r = _ib("generate", "--weights", weights, "--base", tmp_path / "other", "--ref", ref, "--prompt", PROMPT,
+    r = _ib(capsys, "generate", "--weights", weights, "--base", tmp_path / "other", "--ref", ref, "--prompt", PROMPT,
             "--out", tmp_path / "out")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith(f"ib: error: --base {tmp_path / 'other'}: the base's UNet "
                                                         "differs from the one the weights were trained on: cross_attention_dim 48 vs 32")
     assert not (tmp_path / "out").exists()
-    r = _ib("generate", "--weights", weights, "--base", tmp_path / "nowhere", "--ref", ref, "--prompt", PROMPT,
+    r = _ib(capsys, "generate", "--weights", weights, "--base", tmp_path / "nowhere", "--ref", ref, "--prompt", PROMPT,
             "--out", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.strip().endswith(f"--base: folder not found: {tmp_path / 'nowhere'}")
 
 
-def test_ib_evaluate_refuses_a_missing_base_before_writing(weights, tmp_path):
+def test_ib_evaluate_refuses_a_missing_base_before_writing(weights, tmp_path, capsys):
     from tests.test_dreambench import write_layout
     data = write_layout(tmp_path / "bench")
-    r = _ib("evaluate", "--weights", weights, "--base", tmp_path / "nowhere", "--data", data, "--out", tmp_path / "out",
+    r = _ib(capsys, "evaluate", "--weights", weights, "--base", tmp_path / "nowhere", "--data", data, "--out", tmp_path / "out",
             "--backbones", "conf/metrics/tiny.yaml", "--steps", "2")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == f"ib: error: --base: folder not found: {tmp_path / 'nowhere'}"
     assert not (tmp_path / "out").exists()

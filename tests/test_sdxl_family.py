@@ -11,6 +11,7 @@ import yaml
 from diffusers import StableDiffusionXLPipeline
 
 from data_tools import held_out_bench
+from data_tools.encode_latents import main as encode_latents
 from ib.cli import main
 from ib.data.datamodule import SampleTransform
 from ib.data.transforms import ReferenceAugment
@@ -19,7 +20,7 @@ from ib.models.frozen_ldm import LDMConfig
 from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 from ib.pipeline import InstantBoothPipeline
-from tests.conftest import ROOT, default_config
+from tests.conftest import ROOT, default_config, edit_config, run_config
 from tests.test_adapters import assert_zero_init_is_the_frozen_unet
 from tests.test_pipeline import trained_like
 from tests.test_sd21_family import assert_fit_resume_export_round_trip, parsed_overlay
@@ -116,6 +117,26 @@ def test_time_ids_are_the_crop_the_data_pipeline_applied():
     added = model.encode_added(["a sks dog"], (32, 32), out["crop"][None])
     assert added["time_ids"].tolist() == [[40, 60, top, left, 32, 32]]
     assert model.encode_added(["a sks dog"], (32, 32))["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]  # sampling
+
+
+def test_precomputed_latents_carry_the_centre_crop(tmp_path, synthetic_shards):
+    """Latents fix the crop (the centre one, flipped or not): the crop record says so. And data_tools.encode_latents
+    with the family's overlay makes shards an SDXL-family fit trains from."""
+    image, mask = np.zeros((40, 60, 3), np.uint8), np.ones((40, 60), bool)
+    moments = np.zeros((2, 8, 8, 8), np.float16)
+    transform = SampleTransform(32, 16, "sks", ReferenceAugment(), train=True)
+    crops = set()
+    for seed in range(8):  # both flips: the centre crop (x 8..40 of 48) is its own mirror
+        transform.reseed(seed)
+        crops.add(tuple(transform({"image": image, "mask": mask, "caption": "a dog", "meta": {"class": "dog"},
+                                   "__key__": "k", "latent_moments": moments})["crop"].tolist()))
+    assert crops == {(40, 60, 0, 8)}
+
+    out = tmp_path / "latents"
+    assert encode_latents(["--config", str(ROOT / "conf" / "default.yaml"), "--config", str(TINY_SDXL),
+                           "--input", str(synthetic_shards / "train"), "--output", str(out)]) == 0
+    config = edit_config(run_config(tmp_path, synthetic_shards, max_steps=2), {"data.train_shards": str(out)})
+    assert main(["fit", "--config", str(config), "--config", str(TINY_SDXL)]) == 0
 
 
 def test_training_steps_change_the_trained_part_only():
