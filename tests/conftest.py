@@ -37,6 +37,25 @@ def build_tiny_model(**kwargs):
     return InstantBooth.from_config(LDMConfig(**m["ldm"]), ImageEncoderConfig(**m["image_encoder"]), **kwargs)
 
 
+def build_family_model(overlay: Path, seed: int = 0):
+    """The tiny model of a family (conf/tiny_sd21.yaml, conf/tiny_sdxl.yaml): its frozen parts, the default's image
+    encoder."""
+    from ib.models.frozen_ldm import LDMConfig
+    from ib.models.image_encoder import ImageEncoderConfig
+    from ib.models.instantbooth import InstantBooth
+
+    ldm = yaml.safe_load(overlay.read_text())["model"]["ldm"]
+    torch.manual_seed(seed)
+    return InstantBooth.from_config(LDMConfig(**ldm), ImageEncoderConfig(**default_config()["model"]["image_encoder"]))
+
+
+@pytest.fixture(scope="session")
+def photo_refs() -> list[torch.Tensor]:
+    """Two uint8 reference photos of another size than the encoder's."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(3, 40, 30, generator=g) * 255).byte() for _ in range(2)]
+
+
 @pytest.fixture
 def tiny_model():
     return build_tiny_model()

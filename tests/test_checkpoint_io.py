@@ -93,7 +93,7 @@ def test_fit_ckpt_path_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsy
                  "--trainer.default_root_dir", str(run)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith(f"ib: error: --ckpt_path: "), err
+    assert err[0].startswith("ib: error: --ckpt_path: "), err
     assert {"pickle": "is not a weights-only checkpoint", "missing": "file not found",
             "not_torch": "cannot read"}[what] in err[0]
     assert not marker.exists() and not run.exists()

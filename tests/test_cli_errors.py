@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-import yaml
 
 from ib.cli import main
 from ib.models.instantbooth import InstantBooth

@@ -7,7 +7,6 @@ from PIL import Image
 
 from ib.data.dreambench import PROMPTS_FILE, load_image, read_dreambench
 from ib.data.references import prepare_references
-from ib.errors import ConfigError
 from ib.evaluate import main as evaluate_main
 from tests.conftest import ROOT
 

@@ -19,7 +19,6 @@ from torch import nn
 from ib.errors import ConfigError
 from ib.metrics.backbones import ClipBackbone, ClipBackboneConfig, DinoBackbone, DinoBackboneConfig
 from ib.metrics.clip_i import CLIPImageSimilarity
-from ib.metrics.clip_t import CLIPTextSimilarity
 from ib.metrics.dino import DINOSimilarity
 from ib.metrics.identity import identity_metrics
 from tests.conftest import ROOT

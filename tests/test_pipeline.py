@@ -94,12 +94,16 @@ def test_from_weights_matches_the_model_and_keeps_the_sampler_defaults(model, we
     assert torch.equal(run(pipe, refs, beta=0.5), run(direct, refs, beta=0.5))
 
 
-def assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs):
-    """diffusers' own StableDiffusionPipeline on the same modules and scheduler gives the same images."""
+def assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs, diffusers_pipeline=None):
+    """diffusers' own pipeline (StableDiffusionPipeline, or `diffusers_pipeline(modules, scheduler)`) on the same
+    modules and scheduler gives the same images."""
     pipe = InstantBoothPipeline.from_model(model)
-    sd = StableDiffusionPipeline(vae=model.ldm.vae, text_encoder=model.ldm.text_encoder, tokenizer=model.ldm.tokenizer,
-                                 unet=model.ldm.unet, scheduler=pipe.scheduler, safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
+    if diffusers_pipeline is None:
+        sd = StableDiffusionPipeline(vae=model.ldm.vae, text_encoder=model.ldm.text_encoder, tokenizer=model.ldm.tokenizer,
+                                     unet=model.ldm.unet, scheduler=pipe.scheduler, safety_checker=None,
+                                     feature_extractor=None, requires_safety_checker=False)
+    else:
+        sd = diffusers_pipeline(model.ldm, pipe.scheduler)
     sd.set_progress_bar_config(disable=True)
     pipe.set_progress_bar_config(disable=True)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -2,19 +2,16 @@
 code as SD 1.x: the tiny overlay conf/tiny_sd21.yaml end to end, and conf/sd21.yaml's shapes."""
 import pytest
 import torch
-import yaml
 
 from ib.cli import main
 from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
-from ib.models.frozen_ldm import LDMConfig
-from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
 from ib.models.sampler import SamplingConfig
 from ib.pipeline import InstantBoothPipeline, seeded
 from ib.weights import load_model
-from tests.conftest import ROOT, default_config, run_config
+from tests.conftest import ROOT, build_family_model, run_config
 from tests.test_adapters import assert_zero_init_is_the_frozen_unet
 from tests.test_pipeline import PROMPT, assert_beta_zero_without_identifier_equals_stable_diffusion, trained_like
 
@@ -22,20 +19,12 @@ TINY_SD21 = ROOT / "conf" / "tiny_sd21.yaml"
 
 
 def build(seed: int = 0) -> InstantBooth:
-    ldm = yaml.safe_load(TINY_SD21.read_text())["model"]["ldm"]
-    torch.manual_seed(seed)
-    return InstantBooth.from_config(LDMConfig(**ldm), ImageEncoderConfig(**default_config()["model"]["image_encoder"]))
+    return build_family_model(TINY_SD21, seed)
 
 
 @pytest.fixture(scope="module")
 def model():
     return trained_like(build())
-
-
-@pytest.fixture(scope="module")
-def refs():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.rand(3, 40, 30, generator=g) * 255).byte() for _ in range(2)]
 
 
 def test_the_tiny_model_has_the_family_traits(model):
@@ -61,8 +50,9 @@ def test_the_concept_replaces_the_identifier_at_every_position(model):
     assert torch.allclose(text[0, replaced], (0.4 * concept).expand(2, -1))
 
 
-def test_training_steps_change_the_trained_part_only():
-    m = build()
+def assert_steps_change_the_trained_part_only(m: InstantBooth, **loss_kwargs) -> set[str]:
+    """Two optimizer steps leave every frozen parameter bitwise as it was and move the trained ones.
+    -> the frozen parameters' names."""
     # (the adapters and the patch head also sit inside the UNet, under its names: told apart by requires_grad)
     frozen = {k: p.detach().clone() for k, p in m.named_parameters() if not p.requires_grad}
     trainable = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
@@ -71,13 +61,19 @@ def test_training_steps_change_the_trained_part_only():
     optim = torch.optim.AdamW([p for group in m.param_groups().values() for p in group], lr=1e-2)
     torch.manual_seed(0)
     for _ in range(2):
-        loss = m.training_loss(torch.rand(2, 3, 32, 32), torch.rand(2, 2, 3, 32, 32), ["a sks ball", "a sks box"])
+        loss = m.training_loss(torch.rand(2, 3, 32, 32), torch.rand(2, 2, 3, 32, 32), ["a sks ball", "a sks box"],
+                               **loss_kwargs)
         optim.zero_grad()
         loss.backward()
         optim.step()
     after = dict(m.named_parameters())
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
     assert any(not torch.equal(after[k], v) for k, v in trainable.items())
+    return set(frozen)
+
+
+def test_training_steps_change_the_trained_part_only():
+    assert_steps_change_the_trained_part_only(build())
 
 
 def _velocity_oracle(model, clean: torch.Tensor, noise: torch.Tensor):
@@ -93,7 +89,7 @@ def _velocity_oracle(model, clean: torch.Tensor, noise: torch.Tensor):
 
 @torch.no_grad()
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])
-def test_the_sampler_reads_the_unet_output_as_velocity(model, refs, scheduler, monkeypatch):
+def test_the_sampler_reads_the_unet_output_as_velocity(model, photo_refs, scheduler, monkeypatch):
     """Started on the trajectory, with the ideal model's velocity, sampling lands on the clean latents; read as
     ε (the SD 1.x reading) the same outputs land elsewhere."""
     g = torch.Generator().manual_seed(5)
@@ -109,15 +105,15 @@ def test_the_sampler_reads_the_unet_output_as_velocity(model, refs, scheduler, m
         pipe.scheduler.set_timesteps(20)
         a = model.ldm.noise_scheduler.alphas_cumprod[pipe.scheduler.timesteps[0]]
         start = (a.sqrt() * clean + (1 - a).sqrt() * noise) / pipe.scheduler.init_noise_sigma
-        pipe(PROMPT, refs, num_inference_steps=20, guidance_scale=1.0, latents=start, output_type="pt")
+        pipe(PROMPT, photo_refs, num_inference_steps=20, guidance_scale=1.0, latents=start, output_type="pt")
         return (decoded.pop() - clean).abs().mean()
     as_velocity, as_noise = sample("v_prediction"), sample("epsilon")
     assert as_velocity < 0.02 and as_noise > 0.1, (float(as_velocity), float(as_noise))
 
 
 @torch.no_grad()
-def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion(model, refs):
-    assert_beta_zero_without_identifier_equals_stable_diffusion(model, refs)  # a v-prediction scheduler here
+def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion(model, photo_refs):
+    assert_beta_zero_without_identifier_equals_stable_diffusion(model, photo_refs)  # a v-prediction scheduler here
 
 
 def assert_fit_resume_export_round_trip(tmp_path, shards, overlay) -> tuple[InstantBooth, InstantBoothPipeline]:

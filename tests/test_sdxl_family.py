@@ -7,7 +7,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import yaml
 from diffusers import StableDiffusionXLPipeline
 
 from data_tools import held_out_bench
@@ -16,34 +15,24 @@ from ib.cli import main
 from ib.data.datamodule import SampleTransform
 from ib.data.transforms import ReferenceAugment
 from ib.identifier import tokenize_with_identifier
-from ib.models.frozen_ldm import LDMConfig
-from ib.models.image_encoder import ImageEncoderConfig
 from ib.models.instantbooth import InstantBooth
-from ib.pipeline import InstantBoothPipeline
-from tests.conftest import ROOT, default_config, edit_config, run_config
+from tests.conftest import ROOT, build_family_model, edit_config, run_config
 from tests.test_adapters import assert_zero_init_is_the_frozen_unet
-from tests.test_pipeline import trained_like
-from tests.test_sd21_family import assert_fit_resume_export_round_trip, parsed_overlay
+from tests.test_pipeline import assert_beta_zero_without_identifier_equals_stable_diffusion, trained_like
+from tests.test_sd21_family import (assert_fit_resume_export_round_trip, assert_steps_change_the_trained_part_only,
+                                     parsed_overlay)
 
 TINY_SDXL = ROOT / "conf" / "tiny_sdxl.yaml"
 PROMPT = "a photo of a sks dog next to another sks dog"
 
 
 def build(seed: int = 0) -> InstantBooth:
-    ldm = yaml.safe_load(TINY_SDXL.read_text())["model"]["ldm"]
-    torch.manual_seed(seed)
-    return InstantBooth.from_config(LDMConfig(**ldm), ImageEncoderConfig(**default_config()["model"]["image_encoder"]))
+    return build_family_model(TINY_SDXL, seed)
 
 
 @pytest.fixture(scope="module")
 def model():
     return trained_like(build())
-
-
-@pytest.fixture(scope="module")
-def refs():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.rand(3, 40, 30, generator=g) * 255).byte() for _ in range(2)]
 
 
 def test_the_tiny_model_has_the_family_traits(model):
@@ -140,42 +129,18 @@ def test_precomputed_latents_carry_the_centre_crop(tmp_path, synthetic_shards):
 
 
 def test_training_steps_change_the_trained_part_only():
-    m = build()
-    frozen = {k: p.detach().clone() for k, p in m.named_parameters() if not p.requires_grad}
-    trainable = {k: p.detach().clone() for k, p in m.named_parameters() if p.requires_grad}
-    assert any(k.startswith("ldm.text_encoder_2.") for k in frozen)
-    optim = torch.optim.AdamW([p for group in m.param_groups().values() for p in group], lr=1e-2)
-    torch.manual_seed(0)
     crops = torch.tensor([[40, 60, 0, 9], [32, 32, 0, 0]])
-    for _ in range(2):
-        loss = m.training_loss(torch.rand(2, 3, 32, 32), torch.rand(2, 2, 3, 32, 32), ["a sks ball", "a sks box"],
-                               cond_dropout=0.5, crops=crops)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
-    after = dict(m.named_parameters())
-    assert all(torch.equal(after[k], v) for k, v in frozen.items())
-    assert any(not torch.equal(after[k], v) for k, v in trainable.items())
+    frozen = assert_steps_change_the_trained_part_only(build(), cond_dropout=0.5, crops=crops)
+    assert any(k.startswith("ldm.text_encoder_2.") for k in frozen)
 
 
 @torch.no_grad()
-def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion_xl(model, refs):
-    """diffusers' own StableDiffusionXLPipeline on the same modules and scheduler gives the same images."""
-    pipe = InstantBoothPipeline.from_model(model)
-    ldm = model.ldm
-    sdxl = StableDiffusionXLPipeline(vae=ldm.vae, text_encoder=ldm.text_encoder, text_encoder_2=ldm.text_encoder_2,
-                                     tokenizer=ldm.tokenizer, tokenizer_2=ldm.tokenizer_2, unet=ldm.unet,
-                                     scheduler=pipe.scheduler, add_watermarker=False)
-    for p in (sdxl, pipe):
-        p.set_progress_bar_config(disable=True)
-    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    prompts = ["a photo of a toy on the grass", "a red ball"]
-    plain = sdxl(prompts, latents=latents, num_inference_steps=4, guidance_scale=7.5, output_type="pt").images
-    ours = pipe(prompts, refs, beta=0.0, latents=latents, num_inference_steps=4, guidance_scale=7.5,
-                output_type="pt").images
-    assert (plain - ours).abs().max() <= 1e-5
-    adapted = pipe(prompts, refs, beta=1.0, latents=latents, num_inference_steps=4, output_type="pt").images
-    assert (plain - adapted).abs().max() > 1e-3  # the adapters do change images: the equality is not vacuous
+def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion_xl(model, photo_refs):
+    def sdxl(ldm, scheduler):
+        return StableDiffusionXLPipeline(vae=ldm.vae, text_encoder=ldm.text_encoder, text_encoder_2=ldm.text_encoder_2,
+                                         tokenizer=ldm.tokenizer, tokenizer_2=ldm.tokenizer_2, unet=ldm.unet,
+                                         scheduler=scheduler, add_watermarker=False)
+    assert_beta_zero_without_identifier_equals_stable_diffusion(model, photo_refs, sdxl)
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from ib.lit_module import InstantBoothModule
 from ib.models.sampler import SamplingConfig
 from ib.models.speed import SpeedConfig, check_speed
 from ib.pipeline import InstantBoothPipeline, generate
-from tests.conftest import ROOT, build_tiny_model, default_config
+from tests.conftest import build_tiny_model, default_config
 
 CAPTIONS = ["a photo of a sks ball on the grass", "a sks box in the snow"]
 
