@@ -77,6 +77,13 @@ def random_parts() -> dict:
     return yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())["model"]["ldm"]
 
 
+def wider_parts(width: int = 48) -> dict:
+    """random_parts() of another, consistent architecture: text states and cross-attention `width` wide."""
+    ldm = random_parts()
+    return dict(ldm, unet=dict(ldm["unet"], cross_attention_dim=width),
+                text_encoder=dict(ldm["text_encoder"], hidden_size=width))
+
+
 def run_config(tmp_path: Path, shards: Path, random_ldm: bool = False, **trainer_overrides) -> Path:
     """conf/default.yaml with every path pointed into tmp_path and a few-step trainer; returns its path.
     random_ldm: the frozen base built from random_parts() instead of loaded from assets/toy-base."""

@@ -8,7 +8,7 @@ from PIL import Image
 
 from ib.cli import main
 from ib.weights import CONFIG_KEY, export_weights, write_weights
-from tests.conftest import build_tiny_model, default_config, random_parts
+from tests.conftest import build_tiny_model, default_config, wider_parts
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,7 @@ def test_generate_refusals(tmp_path, weights, photos, capsys):
     from safetensors import safe_open
     from ib.weights import read_weights
     hparams, _ = read_weights(weights)
-    ldm = random_parts()
-    other = dict(hparams, ldm=dict(ldm, unet=dict(ldm["unet"], cross_attention_dim=48)))
+    other = dict(hparams, ldm=wider_parts(48))
     wrong = write_weights(build_tiny_model().trainable_state_dict(), {CONFIG_KEY: json.dumps(other)},
                           tmp_path / "wrong.safetensors")
     with safe_open(str(weights), "pt") as f:

@@ -16,7 +16,7 @@ from ib.models.adapter import adapters_removed
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.pipeline import InstantBoothPipeline, load_instantbooth, seeded
 from ib.weights import CONFIG_KEY, export_weights, write_weights
-from tests.conftest import build_tiny_model, default_config, random_parts, run_config
+from tests.conftest import build_tiny_model, default_config, random_parts, run_config, wider_parts
 
 PROMPT = "a photo of a sks toy on the grass"
 
@@ -223,8 +223,7 @@ def test_old_export_files_load_and_give_the_same_images(model, weights, refs, tm
 
 
 def test_a_file_from_a_model_of_another_shape_is_refused_in_one_line(model, tmp_path):
-    cfg, ldm = default_config()["model"], random_parts()
-    hparams = {"ldm": {**ldm, "unet": {**ldm["unet"], "cross_attention_dim": 48}}, "image_encoder": cfg["image_encoder"]}
+    hparams = {"ldm": wider_parts(48), "image_encoder": default_config()["model"]["image_encoder"]}
     wrong = write_weights(model.trainable_state_dict(), {CONFIG_KEY: json.dumps(hparams)}, tmp_path / "w.safetensors")
     with pytest.raises(ConfigError, match=r"^weights .*w.safetensors: weights do not fit this model: "):
         InstantBoothPipeline.from_weights(wrong)
@@ -311,9 +310,7 @@ def test_ib_generate_on_another_base_with_any_scheduler(model, weights, refs, tm
 
 
 def test_ib_generate_refuses_a_base_of_another_shape_before_writing(weights, tmp_path, capsys):
-    cfg = random_parts()
-    FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "cross_attention_dim": 48}})).save_pretrained(
-        tmp_path / "other")
+    FrozenLDM.from_config(LDMConfig(**wider_parts(48))).save_pretrained(tmp_path / "other")
     ref = tmp_path / "ref.png"
     Image.fromarray(np.full((20, 20, 3), 128, np.uint8)).save(ref)
     r = _ib(capsys, "generate", "--weights", weights, "--base", tmp_path / "other", "--ref", ref, "--prompt", PROMPT,

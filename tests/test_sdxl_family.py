@@ -7,6 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionXLPipeline
 
 from data_tools import held_out_bench
@@ -181,3 +182,30 @@ def test_sdxl_overlay_on_the_sd15_recipe(random_weights, synthetic_shards):
         ldm.text_encoder_2["projection_dim"] + 6 * ldm.unet["addition_time_embed_dim"])
     assert cfg.data.image_size == 1024 and cfg.trainer.default_root_dir == "runs/sdxl"
     assert cfg.model.optim.lr_heads == 1e-4  # the recipe is SD 1.5's
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"text_encoder_2": {}}, "model.ldm.text_encoder_2: the UNet takes SDXL's added conditioning "
+                             "(addition_embed_type: text_time), which needs the second text encoder"),
+    ({"unet.cross_attention_dim": 48}, "model.ldm.unet.cross_attention_dim: 48, but the text states are 32 + 32 = 64 wide"),
+    ({"unet.projection_class_embeddings_input_dim": 64}, "model.ldm.unet.projection_class_embeddings_input_dim: 64, "
+     "but the pooled embedding (32) and 6 ids x addition_time_embed_dim (8) make 80"),
+    ({"unet.addition_embed_type": None, "unet.projection_class_embeddings_input_dim": None},
+     "model.ldm.text_encoder_2: a second text encoder needs a UNet with addition_embed_type: text_time (SDXL)"),
+])
+def test_text_side_mismatches_are_one_line_errors_before_anything_is_written(change, message, tmp_path,
+                                                                           synthetic_shards, capsys):
+    """Text encoders that do not fit the UNet: one line naming the field, exit 2, no run folder (it was a shape
+    error inside the UNet at the first step)."""
+    overlay = yaml.safe_load(TINY_SDXL.read_text())
+    for key, value in change.items():
+        *parents, leaf = key.split(".")
+        node = overlay["model"]["ldm"]
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    config = run_config(tmp_path, synthetic_shards)
+    assert main(["fit", "--config", str(config), "--config", str(tmp_path / "overlay.yaml")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"ib: error: {message}"]
+    assert not (tmp_path / "run").exists()

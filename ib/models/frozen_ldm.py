@@ -97,13 +97,30 @@ class FrozenLDM(nn.Module):
         self.unet, self.vae, self.text_encoder, self.text_encoder_2 = unet, vae, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.noise_scheduler = noise_scheduler
-        if self.added_conditioning != (text_encoder_2 is not None):
+        self._check_text_side()
+        self.requires_grad_(False)
+        self.eval()
+
+    def _check_text_side(self) -> None:
+        """The text encoders and the UNet agree (a mismatch would surface as a shape error at the first step)."""
+        unet = self.unet.config
+        if self.added_conditioning != (self.text_encoder_2 is not None):
             raise ConfigError("model.ldm.text_encoder_2: " + (
                 "the UNet takes SDXL's added conditioning (addition_embed_type: text_time), which needs the second "
                 "text encoder" if self.added_conditioning else
                 "a second text encoder needs a UNet with addition_embed_type: text_time (SDXL)"))
-        self.requires_grad_(False)
-        self.eval()
+        widths = " + ".join(str(e.config.hidden_size) for e in self.text_encoders)
+        if self.text_width != unet.cross_attention_dim:
+            raise ConfigError(f"model.ldm.unet.cross_attention_dim: {unet.cross_attention_dim}, but the text states "
+                              f"are {widths} = {self.text_width} wide")
+        if self.added_conditioning:
+            pooled = self.text_encoder_2.config.projection_dim
+            want = pooled + 6 * unet.addition_time_embed_dim  # the pooled embedding and six size/crop ids
+            if unet.projection_class_embeddings_input_dim != want:
+                raise ConfigError(f"model.ldm.unet.projection_class_embeddings_input_dim: "
+                                  f"{unet.projection_class_embeddings_input_dim}, but the pooled embedding "
+                                  f"({pooled}) and 6 ids x addition_time_embed_dim ({unet.addition_time_embed_dim}) "
+                                  f"make {want}")
 
     def train(self, mode: bool = True):  # frozen parts stay in eval mode (no dropout, fixed norms)
         return super().train(False)
