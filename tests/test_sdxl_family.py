@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 import yaml
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from data_tools import held_out_bench
 from data_tools.encode_latents import main as encode_latents
@@ -16,7 +16,10 @@ from ib.cli import main
 from ib.data.datamodule import SampleTransform
 from ib.data.transforms import ReferenceAugment
 from ib.identifier import tokenize_with_identifier
+from ib.models.frozen_ldm import FrozenLDM
 from ib.models.instantbooth import InstantBooth
+from ib.pipeline import InstantBoothPipeline, load_instantbooth, seeded
+from ib.weights import export_weights
 from tests.conftest import ROOT, build_family_model, edit_config, run_config
 from tests.test_adapters import assert_zero_init_is_the_frozen_unet
 from tests.test_pipeline import assert_beta_zero_without_identifier_equals_stable_diffusion, trained_like
@@ -142,6 +145,24 @@ def test_beta_zero_without_identifier_equals_diffusers_stable_diffusion_xl(model
                                          tokenizer=ldm.tokenizer, tokenizer_2=ldm.tokenizer_2, unet=ldm.unet,
                                          scheduler=scheduler, add_watermarker=False)
     assert_beta_zero_without_identifier_equals_stable_diffusion(model, photo_refs, sdxl)
+
+
+@torch.no_grad()
+def test_load_instantbooth_into_a_diffusers_sdxl_pipeline(model, photo_refs, tmp_path):
+    """An exported file on diffusers' StableDiffusionXLPipeline: both text encoders and tokenizers are shared, and
+    it samples what the pipeline rebuilt from the file does."""
+    weights = export_weights(model, tmp_path / "w.safetensors")
+    ldm = FrozenLDM.from_config(model.ldm.source)  # the same random frozen parts (their init_seed)
+    sdxl = StableDiffusionXLPipeline(vae=ldm.vae, text_encoder=ldm.text_encoder, text_encoder_2=ldm.text_encoder_2,
+                                     tokenizer=ldm.tokenizer, tokenizer_2=ldm.tokenizer_2, unet=ldm.unet,
+                                     scheduler=DDIMScheduler.from_config(ldm.noise_scheduler.config),
+                                     add_watermarker=False)
+    ib_pipe = load_instantbooth(sdxl, weights)
+    assert ib_pipe.text_encoder_2 is sdxl.text_encoder_2 and ib_pipe.tokenizer_2 is sdxl.tokenizer_2
+    rebuilt = InstantBoothPipeline.from_weights(weights)
+    images = [p(PROMPT, photo_refs, num_inference_steps=3, generator=seeded([2]), output_type="pt").images
+              for p in (ib_pipe, rebuilt)]
+    assert torch.equal(*images)
 
 
 @pytest.mark.slow
