@@ -117,8 +117,10 @@ def edit_config(path: Path, fields: dict | None = None, callbacks: list[dict] = 
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    cfg["trainer"]["callbacks+"] = cfg["trainer"].get("callbacks+", []) + list(callbacks)
-    cfg.setdefault("checkpoint", {}).update(checkpoint or {})
+    if callbacks:
+        cfg["trainer"]["callbacks+"] = cfg["trainer"].get("callbacks+", []) + list(callbacks)
+    if checkpoint:
+        cfg.setdefault("checkpoint", {}).update(checkpoint)
     out = out or path
     out.write_text(yaml.safe_dump(cfg))
     return out

@@ -7,7 +7,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-import yaml
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from data_tools import held_out_bench
@@ -218,15 +217,8 @@ def test_text_side_mismatches_are_one_line_errors_before_anything_is_written(cha
                                                                            synthetic_shards, capsys):
     """Text encoders that do not fit the UNet: one line naming the field, exit 2, no run folder (it was a shape
     error inside the UNet at the first step)."""
-    overlay = yaml.safe_load(TINY_SDXL.read_text())
-    for key, value in change.items():
-        *parents, leaf = key.split(".")
-        node = overlay["model"]["ldm"]
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (tmp_path / "overlay.yaml").write_text(yaml.safe_dump(overlay))
+    overlay = edit_config(TINY_SDXL, {f"model.ldm.{k}": v for k, v in change.items()}, out=tmp_path / "overlay.yaml")
     config = run_config(tmp_path, synthetic_shards)
-    assert main(["fit", "--config", str(config), "--config", str(tmp_path / "overlay.yaml")]) == 2
+    assert main(["fit", "--config", str(config), "--config", str(overlay)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"ib: error: {message}"]
     assert not (tmp_path / "run").exists()
