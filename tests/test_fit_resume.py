@@ -2,7 +2,6 @@
 import logging
 import shutil
 import subprocess
-import sys
 
 import lightning as L
 import pytest
@@ -12,7 +11,7 @@ from ib.cli import main
 from ib.fit_cli import InstantBoothCLI
 from ib.data.datamodule import InstantBoothDataModule
 from ib.lit_module import InstantBoothModule
-from tests.conftest import ROOT, edit_config, run_config, subprocess_env
+from tests.conftest import edit_config, run_config
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +75,7 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, synthetic_
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 2  # left alone
 
 
-def test_full_disk_keeps_last_ckpt_and_says_so(tmp_path, synthetic_shards):
+def test_full_disk_keeps_last_ckpt_and_says_so(tmp_path, synthetic_shards, capsys):
     config = run_config(tmp_path, synthetic_shards, max_steps=2, val_check_interval=1000)
     config = edit_config(config, checkpoint={"every_n_train_steps": 1000})  # only last.ckpt, at the end
     assert main(["fit", "--config", str(config)]) == 0
@@ -90,11 +89,11 @@ def test_full_disk_keeps_last_ckpt_and_says_so(tmp_path, synthetic_shards):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         last.write_bytes(good)
-        result = subprocess.run([sys.executable, "-m", "ib.cli", "fit", "--config", str(config), "--ckpt_path", "last",
-                                 "--trainer.max_steps", "4"], cwd=ROOT, env=subprocess_env(), capture_output=True,
-                                text=True, timeout=600)
-        assert result.returncode == 2, result.stderr[-3000:]
-        line = result.stderr.strip().splitlines()[-1]
+        capsys.readouterr()
+        code = main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_steps", "4"])
+        err = capsys.readouterr().err
+        assert code == 2, err[-3000:]
+        line = err.strip().splitlines()[-1]
         assert line == (f"ib: error: checkpoint: cannot write {last}: No space left on device; "
                         "the previous last.ckpt is kept")
         assert last.read_bytes() == good

@@ -8,13 +8,11 @@ sample keys in the same order and bitwise the same weights as an uninterrupted r
 import json
 import os
 import signal
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from tests.conftest import ROOT, edit_config, run_config, start_fit, subprocess_env, wait_for_step
+from ib.cli import main
+from tests.conftest import edit_config, run_config, start_fit, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -36,9 +34,11 @@ def _config(tmp_path, shards, name: str, **fields):
         checkpoint={"every_n_train_steps": 1000}), run
 
 
-def _fit(config, *args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ib.cli", "fit", "--config", str(config), *args], cwd=ROOT,
-                          env=subprocess_env(**THREADS, **(env or {})), capture_output=True, text=True, timeout=600)
+def _fit(config, *args) -> int:
+    """`ib fit` in this process (a subprocess would spend ~9 s importing); its threads: THREADS (tests/conftest.py
+    sets OMP_NUM_THREADS=1 before torch is imported)."""
+    assert os.environ.get("OMP_NUM_THREADS") == THREADS["OMP_NUM_THREADS"]
+    return main(["fit", "--config", str(config), *args])
 
 
 def _stop_with_group_signal(config, run, signum, env=None) -> tuple[int, str]:
@@ -78,8 +78,7 @@ def test_group_sigterm_with_workers_then_resume_equals_uninterrupted_run(tmp_pat
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
 
         total = 2 * stopped + 1  # past at least one epoch end and a validation after the restart
-        resumed = _fit(config, "--ckpt_path", "last", "--trainer.max_steps", str(total))
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert _fit(config, "--ckpt_path", "last", "--trainer.max_steps", str(total)) == 0
         wait_for_step(reference, ref_run / "step.txt", total + 1, timeout=300)  # step {total}'s weights are saved
     finally:
         if reference.poll() is None:
@@ -119,12 +118,9 @@ def test_resume_after_max_steps_inside_an_epoch_finishes_that_epoch_first(tmp_pa
     higher max_steps used to start the next epoch's stream and the rest of the cut epoch was never read."""
     config, run = _config(tmp_path, synthetic_shards, "two_stages")
     ref_config, ref_run = _config(tmp_path, synthetic_shards, "one_go")
-    first = _fit(config, "--trainer.max_steps", "6")  # batches_per_epoch 4: stops 2 batches into epoch 1
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = _fit(config, "--ckpt_path", "last", "--trainer.max_steps", "11")
-    assert second.returncode == 0, second.stderr[-3000:]
-    reference = _fit(ref_config, "--trainer.max_steps", "11")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert _fit(config, "--trainer.max_steps", "6") == 0  # batches_per_epoch 4: stops 2 batches into epoch 1
+    assert _fit(config, "--ckpt_path", "last", "--trainer.max_steps", "11") == 0
+    assert _fit(ref_config, "--trainer.max_steps", "11") == 0
     keys, ref_keys = _keys(run), _keys(ref_run)
     assert [s for s, _ in keys] == list(range(1, 12))
     assert keys == ref_keys
