@@ -9,8 +9,9 @@ import yaml
 from data_tools.synthetic_world import build
 from data_tools.synthetic_world import main as build_world
 from experiments.toy.cli import main as toy_base_main
+from experiments.toy.vocabulary import prune_vocabulary, resave, world_texts
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
-from tests.conftest import ROOT, default_config
+from tests.conftest import ROOT, default_config, random_parts
 
 BASE = ROOT / "assets" / "toy-base"
 
@@ -58,6 +59,7 @@ def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path):
     assert record["steps"] == 4 and record["seed"] == 0 and record["world"]["concepts"] == 6
     ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(tmp_path / "base")))
     assert ldm.vae.config.scaling_factor > 0 and ldm.image_size == 32
+    assert len(ldm.tokenizer) == ldm.text_encoder.config.vocab_size == record["vocabulary"]["tokens"] < 1000
 
 
 def test_a_base_run_that_never_reached_the_unet_phase_says_so_and_writes_nothing(tmp_path):
@@ -72,3 +74,38 @@ def test_a_base_run_that_never_reached_the_unet_phase_says_so_and_writes_nothing
     with pytest.raises(RuntimeError, match="the UNet phase never started"):
         toy_base_main(["--config", str(tmp_path / "toy_base.yaml")])
     assert not (tmp_path / "base").exists()
+
+
+def _text_states(ldm, texts):
+    ids = ldm.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return ldm.encode_text([ids])
+
+
+def test_the_cut_vocabulary_gives_the_same_text_states_on_the_worlds_words(tmp_path):
+    """The toy base keeps the tokens of the world's captions only: on them the text encoder's states are exactly
+    the full vocabulary's; other words still tokenize (into smaller pieces); saved and loaded back, the same."""
+    torch.manual_seed(0)
+    full = FrozenLDM.from_config(LDMConfig(**random_parts()))
+    texts = world_texts("sks") + ["", "a photo of a sks ball on the beach"]
+    before = _text_states(full, texts)
+    size = prune_vocabulary(full, texts)
+    assert 512 < size == len(full.tokenizer) == full.text_encoder.config.vocab_size < 1000
+    assert torch.equal(_text_states(full, texts), before)
+    assert full.tokenizer.tokenize("a dog on the moon")[-2:] == ["o", "on</w>"]  # "moon": out of the vocabulary
+    full.save_pretrained(tmp_path / "base")
+    loaded = FrozenLDM.from_config(LDMConfig(pretrained=str(tmp_path / "base")))
+    assert torch.equal(_text_states(loaded, texts), before)
+
+
+def test_the_stored_base_holds_the_cut_vocabulary_and_a_resave_keeps_it(tmp_path):
+    record = json.loads((BASE / "record.json").read_text())
+    assert record["vocabulary"]["command"] == "python -m experiments.toy.vocabulary assets/toy-base"
+    ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(BASE)))
+    assert len(ldm.tokenizer) == record["vocabulary"]["tokens"] < 1000
+    import shutil
+    shutil.copytree(BASE, tmp_path / "base")
+    assert resave(tmp_path / "base") == record["vocabulary"]["tokens"]  # cutting again cuts nothing
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert (tmp_path / "base" / part).read_bytes() == (BASE / part).read_bytes(), part

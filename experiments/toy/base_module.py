@@ -1,7 +1,8 @@
 """Trains the tiny text-to-image latent diffusion model itself on the synthetic world (issue: a base model
 worth freezing). Phase 1 trains the VAE (reconstruction + a small KL), phase 2 the UNet on its latents
 (ε-prediction, captions without the identifier, caption dropout for CFG). The text encoder stays random and
-frozen. At the end the whole model is saved in diffusers layout, ready for `model.ldm.pretrained`, in
+frozen. At the end the whole model is saved in diffusers layout (its vocabulary cut to the world's words:
+experiments/toy/vocabulary.py), ready for `model.ldm.pretrained`, in
 `save_dtype` (bf16 halves the stored size; the loader computes in float32 again), with record.json beside it:
 how it was made (command, seed, commit) and its final validation losses.
 """
@@ -18,6 +19,7 @@ from ib.allow_list import dataclass_from
 from ib.atomic_write import atomic_folder
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from ib.identifier import strip_identifier
+from experiments.toy.vocabulary import WORLD_TEXTS, prune_vocabulary, world_texts
 
 
 class ToyBaseModule(L.LightningModule):
@@ -93,10 +95,12 @@ class ToyBaseModule(L.LightningModule):
             raise RuntimeError("the UNet phase never started: raise trainer.max_steps above model.vae_steps")
         ldm = copy.deepcopy(self.ldm).to(getattr(torch, self.hparams.save_dtype))
         ldm.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        tokens = prune_vocabulary(ldm, world_texts(self.identifier))  # the words it was trained on: a smaller base
         metrics = {k: round(float(v), 5) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
         with atomic_folder(self.output_dir) as tmp:
             ldm.save_pretrained(tmp)
             (tmp / "record.json").write_text(json.dumps(
                 {**record, "steps": self.global_step, "dtype": self.hparams.save_dtype, "validation": metrics,
-                 "hparams": {k: v for k, v in self.hparams.items() if k != "ldm"}}, indent=1) + "\n")
+                 "hparams": {k: v for k, v in self.hparams.items() if k != "ldm"},
+                 "vocabulary": {"tokens": tokens, "texts": WORLD_TEXTS}}, indent=1) + "\n")
         print(f"toy base model saved to {self.output_dir}")
