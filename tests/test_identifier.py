@@ -6,12 +6,12 @@ from ib.identifier import insert_identifier, strip_identifier, tokenize_with_ide
 from tests.conftest import build_tiny_model
 
 
-@pytest.mark.parametrize("identifier", ["sks", "zzxq"])  # one BPE token; two BPE tokens
+@pytest.mark.parametrize("identifier", ["sks", "zzxq"])  # one BPE token; several (the toy base's cut vocabulary: 4)
 def test_concept_lands_at_identifier_positions_only(identifier):
     model = build_tiny_model(identifier=identifier)
     tok = model.ldm.tokenizer
     n_id_tokens = len(tok(identifier, add_special_tokens=False).input_ids)
-    assert n_id_tokens == (1 if identifier == "sks" else 2)
+    assert (n_id_tokens == 1) == (identifier == "sks") and n_id_tokens >= 1
 
     prompts = [f"a photo of a {identifier} dog on the beach", f"{identifier} cat and my {identifier} cat",
                "a photo of a dog"]
