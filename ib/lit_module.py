@@ -48,6 +48,7 @@ class InstantBoothModule(L.LightningModule):
     max_nonfinite_steps: this many optimizer steps in a row skipped for a non-finite loss stop training.
     speed: training/sampling speed switches (ib/models/speed.py); all off by default.
     adapter_blocks: the UNet transformer blocks that get an adapter, by module-path prefix; null: all of them.
+    adapter_gate_init: the adapters' gate γ when training starts (0 in the paper: the frozen model at step 0).
     """
 
     def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
@@ -55,7 +56,8 @@ class InstantBoothModule(L.LightningModule):
                  beta_train: Annotated[float, Range(gt=0, le=1)] = 1.0,  # 0 switches the adapters off: nothing to train
                  cond_dropout: Probability = 0.1, sampling: SamplingConfig = SamplingConfig(), val_seed: int = 0,
                  max_nonfinite_steps: PositiveInt = 10, speed: SpeedConfig = SpeedConfig(),
-                 adapter_blocks: list[str] | None = None):
+                 adapter_blocks: list[str] | None = None,
+                 adapter_gate_init: Annotated[float, Range(ge=0, le=3)] = 0.0):  # tanh(γ) saturates above ~3
         check_arguments(InstantBoothModule, locals(), "model.")
         super().__init__()
         ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
@@ -69,14 +71,14 @@ class InstantBoothModule(L.LightningModule):
             "uncond_adapters": uncond_adapters, "optim": asdict(self.optim), "beta_train": beta_train,
             "cond_dropout": cond_dropout, "sampling": asdict(self.sampling), "val_seed": val_seed,
             "max_nonfinite_steps": max_nonfinite_steps,
-            "speed": asdict(self.speed), "adapter_blocks": adapter_blocks,
+            "speed": asdict(self.speed), "adapter_blocks": adapter_blocks, "adapter_gate_init": adapter_gate_init,
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
                                               uncond_adapters=uncond_adapters, speed=self.speed,
-                                              adapter_blocks=adapter_blocks)
+                                              adapter_blocks=adapter_blocks, gate_init=adapter_gate_init)
 
     @property
     def reference_size(self) -> int:

@@ -102,3 +102,20 @@ def test_skipped_rows_are_the_frozen_model_and_the_others_as_with_per_sample_bet
     torch.testing.assert_close(skipped, per_sample, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cached, skipped, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(skipped[1:], plain[1:])  # the adapters did act on the other row
+
+
+@torch.no_grad()
+def test_gate_init_opens_every_gate_from_the_start_and_a_checkpoint_keeps_its_own():
+    """model.adapter_gate_init: every γ starts there (0, the paper's, is the frozen UNet exactly); the trained
+    gates of a checkpoint replace it."""
+    from tests.conftest import build_tiny_model
+    model = build_tiny_model(gate_init=0.5)
+    assert [float(a.gate) for a in model.adapters] == [0.5] * len(model.adapters)
+    x, t, text, visual = _unet_inputs(model)
+    unet = model.ldm.unet
+    plain = unet(x, t, encoder_hidden_states=text).sample
+    assert not torch.allclose(unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=adapter_kwargs(visual, 1.0)).sample, plain)
+    trained = build_tiny_model()
+    trained.adapters[0].gate.fill_(-0.25)
+    model.load_state_dict(trained.state_dict())
+    assert float(model.adapters[0].gate) == -0.25 and float(model.adapters[1].gate) == 0.0

@@ -35,6 +35,7 @@ CASES = {
     "val_batches_zero": (["--data.val_batches", "0"], "data.val_batches"),
     "identity_eval_concepts_zero": (["--identity_eval.concepts", "0"], "identity_eval.concepts"),
     "adapter_blocks_misspelt": (["--model.adapter_blocks", "[midblock]"], "model.adapter_blocks"),
+    "adapter_gate_init_saturated": (["--model.adapter_gate_init", "4"], "model.adapter_gate_init"),
 }
 
 

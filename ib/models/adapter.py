@@ -36,12 +36,12 @@ def _is_zero(beta) -> bool:
 
 
 class GatedSelfAttentionAdapter(nn.Module):
-    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, context_dim: int, heads: int, head_dim: int, gate_init: float = 0.0):
         super().__init__()
         self.proj = nn.Linear(context_dim, dim)  # visual tokens to this block's width
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(query_dim=dim, heads=heads, dim_head=head_dim)  # SDPA processor
-        self.gate = nn.Parameter(torch.zeros(()))  # γ = 0: the frozen model at step 0
+        self.gate = nn.Parameter(torch.tensor(float(gate_init)))  # γ = 0 (the paper): the frozen model at step 0
 
     def forward(self, hidden: torch.Tensor, ctx: AdapterContext) -> torch.Tensor:
         if _is_zero(ctx.beta):
@@ -105,10 +105,11 @@ def _under(path: str, prefix: str) -> bool:
 
 
 def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module,
-                     blocks: list[str] | None = None) -> nn.ModuleList:
+                     blocks: list[str] | None = None, gate_init: float = 0.0) -> nn.ModuleList:
     """Put an adapter in the transformer blocks of `unet` and `position_net` (which packs the "gligen" kwargs
     into an AdapterContext) in its slot; returns the adapters (trainable). blocks: module-path prefixes of the
-    blocks that get one (e.g. "down_blocks.2", "mid_block", "up_blocks.1.attentions.0"); None: every block."""
+    blocks that get one (e.g. "down_blocks.2", "mid_block", "up_blocks.1.attentions.0"); None: every block.
+    gate_init: every adapter's γ before training."""
     paths = [path for path, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)]
     if not paths:
         raise ValueError("the UNet has no transformer blocks to hold adapters")
@@ -125,7 +126,7 @@ def install_adapters(unet: nn.Module, context_dim: int, position_net: nn.Module,
             block.fuser = NoAdapter()
             continue
         heads = block.attn1.heads
-        block.fuser = GatedSelfAttentionAdapter(block.dim, context_dim, heads, block.attn1.inner_dim // heads)
+        block.fuser = GatedSelfAttentionAdapter(block.dim, context_dim, heads, block.attn1.inner_dim // heads, gate_init)
         block.fuser.index = len(adapters)  # its entry in AdapterContext.visual_kv
         adapters.append(block.fuser)
     if not adapters:

@@ -34,6 +34,7 @@ class InstantBooth(nn.Module):
 
     adapter_blocks: module-path prefixes of the UNet transformer blocks that get an adapter ("down_blocks.2",
         "mid_block", ...); None: every block (the paper). Fewer blocks cost less memory and time.
+    gate_init: the adapters' gate γ before training; 0 (the paper) starts from the frozen model exactly.
     speed: the speed switches (ib.models.speed: a SpeedConfig, its fields as a dict, or a preset name);
         all off by default. inference: nothing will be trained (see SpeedConfig.native_frozen_compute).
     """
@@ -43,7 +44,7 @@ class InstantBooth(nn.Module):
 
     def __init__(self, ldm: FrozenLDM, image_encoder: FrozenImageEncoder, identifier: str = "sks",
                  uncond_adapters: bool = True, speed: SpeedConfig | dict | str | None = None,
-                 inference: bool = False, adapter_blocks: list[str] | None = None):
+                 inference: bool = False, adapter_blocks: list[str] | None = None, gate_init: float = 0.0):
         super().__init__()
         self.ldm = ldm
         self.image_encoder = image_encoder
@@ -53,7 +54,7 @@ class InstantBooth(nn.Module):
         self.concept_head = ConceptHead(image_encoder.global_dim, ldm.text_width)
         self.patch_head = PatchHead(image_encoder.token_dim, context_dim)
         self.adapter_blocks = None if adapter_blocks is None else list(adapter_blocks)
-        self.adapters = install_adapters(ldm.unet, context_dim, self.patch_head, self.adapter_blocks)
+        self.adapters = install_adapters(ldm.unet, context_dim, self.patch_head, self.adapter_blocks, gate_init)
         self.speed = as_speed_config(speed)
         apply_speed(self, self.speed, inference)
         # The sampler's UNet call replayed from CUDA graphs (speed.cuda_graphs_sampling).
