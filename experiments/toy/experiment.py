@@ -112,6 +112,8 @@ class Experiment:
             k = len(samples)
             noisy, noise, weight = torch.cat(noisy), torch.cat(noise), torch.stack(weights)  # (k·T, ...), (k, h, w)
             per_image = lambda x: x.repeat_interleave(len(t), dim=0)  # image i's rows: i·T ... i·T + T - 1
+            # The partner's references are encoded k times, in a batch shaped as own's: equal references then give
+            # bitwise equal tokens (a batch of one can differ in the last bit), so a gap is never float noise.
             encoded = {"own": m.encode_references(torch.stack(own)),
                        "shuffled": m.encode_references(self.refs(self.partner[concept], None)[None].expand(k, -1, -1, -1, -1))}
             for setting in settings:

@@ -9,7 +9,6 @@ random rows to this base either way.
 
     python -m experiments.toy.vocabulary assets/toy-base     # re-saves a stored base in place, recorded
 """
-import copy
 import json
 import sys
 import tempfile
@@ -31,8 +30,8 @@ WORLD_TEXTS = "the synthetic world's captions, with and without the identifier" 
 def world_texts(identifier: str) -> list[str]:
     """Every caption the synthetic world writes, each also with the identifier before the noun (as InstantBooth
     prompts hold it)."""
-    captions = [t.format(noun=n, context=c) for t in TEMPLATES for n in SHAPES for c in CONTEXTS]
-    return captions + [t.format(noun=f"{identifier} {n}", context=c) for t in TEMPLATES for n in SHAPES for c in CONTEXTS]
+    return [t.format(noun=noun, context=c) for t in TEMPLATES for n in SHAPES for noun in (n, f"{identifier} {n}")
+            for c in CONTEXTS]
 
 
 def _tokens(tokenizer, texts: list[str]) -> list[list[str]]:
@@ -82,7 +81,7 @@ def resave(folder: Path, identifier: str = "sks") -> int:
     ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(folder)))
     record = json.loads((folder / "record.json").read_text())
     size = prune_vocabulary(ldm, world_texts(identifier))
-    ldm = copy.deepcopy(ldm).to(getattr(torch, record.get("dtype", "bfloat16")))  # stored values: exact
+    ldm.to(getattr(torch, record.get("dtype", "bfloat16")))  # back to the stored dtype: exact
     record["vocabulary"] = {"tokens": size, "texts": WORLD_TEXTS,
                             "command": f"python -m experiments.toy.vocabulary {folder}", "commit": commit()}
     with atomic_folder(folder) as tmp:
