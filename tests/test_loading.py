@@ -54,6 +54,18 @@ def test_unknown_hub_id_fails_fast_offline(monkeypatch):
         FrozenLDM.from_config(LDMConfig(pretrained="no-such-org/no-such-model"))
 
 
+def test_a_relative_folder_from_another_directory_names_where_it_looked(tmp_path, monkeypatch):
+    """The embedded default records `assets/toy-base`: run from elsewhere (`ib generate --weights` on its
+    checkpoint), that name reads as a hub id, and diffusers' own message would only say a config.json is missing."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        FrozenLDM.from_config(LDMConfig(pretrained="assets/toy-base"))
+    msg = str(e.value)
+    assert msg.startswith("model.ldm.pretrained: cannot load 'assets/toy-base': no folder ")
+    assert str(tmp_path / "assets" / "toy-base") in msg and "\n" not in msg
+
+
 def test_open_clip_checkpoint_file_round_trip(tmp_path):
     cfg = ImageEncoderConfig(**default_config()["model"]["image_encoder"])
     model = create_open_clip(cfg)

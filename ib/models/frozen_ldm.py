@@ -225,6 +225,8 @@ class FrozenLDM(nn.Module):
                               f"(it holds more than tensors; loading it could run code): refused") from e
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not path.is_dir():  # read as a hub id; a relative folder name run from elsewhere lands here too
+                first = f"no folder {path.absolute()}, and not a hub model in the local cache ({first})"
             raise ConfigError(f"model.ldm.pretrained: cannot load '{name}': {first}") from e
         return cls(unet, vae, text_encoder, tokenizer, scheduler, source=LDMConfig(pretrained=name),
                    text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
