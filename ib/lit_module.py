@@ -49,6 +49,7 @@ class InstantBoothModule(L.LightningModule):
     speed: training/sampling speed switches (ib/models/speed.py); all off by default.
     adapter_blocks: the UNet transformer blocks that get an adapter, by module-path prefix; null: all of them.
     adapter_gate_init: the adapters' gate γ when training starts (0 in the paper: the frozen model at step 0).
+    snr_gamma: Min-SNR-γ loss weighting in training (InstantBooth.training_loss); null: the plain loss, the paper's.
     """
 
     def __init__(self, ldm: LDMConfig, image_encoder: ImageEncoderConfig, identifier: str = "sks",
@@ -57,7 +58,8 @@ class InstantBoothModule(L.LightningModule):
                  cond_dropout: Probability = 0.1, sampling: SamplingConfig = SamplingConfig(), val_seed: int = 0,
                  max_nonfinite_steps: PositiveInt = 10, speed: SpeedConfig = SpeedConfig(),
                  adapter_blocks: list[str] | None = None,
-                 adapter_gate_init: Annotated[float, Range(ge=0, le=3)] = 0.0):  # tanh(γ) saturates above ~3
+                 adapter_gate_init: Annotated[float, Range(ge=0, le=3)] = 0.0,  # tanh(γ) saturates above ~3
+                 snr_gamma: Annotated[float, Range(gt=0)] | None = None):
         check_arguments(InstantBoothModule, locals(), "model.")
         super().__init__()
         ldm, image_encoder = _as(LDMConfig, ldm), _as(ImageEncoderConfig, image_encoder)
@@ -72,8 +74,10 @@ class InstantBoothModule(L.LightningModule):
             "cond_dropout": cond_dropout, "sampling": asdict(self.sampling), "val_seed": val_seed,
             "max_nonfinite_steps": max_nonfinite_steps,
             "speed": asdict(self.speed), "adapter_blocks": adapter_blocks, "adapter_gate_init": adapter_gate_init,
+            "snr_gamma": snr_gamma,
         })
         self.beta_train, self.cond_dropout, self.val_seed = beta_train, cond_dropout, val_seed
+        self.snr_gamma = snr_gamma
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.skipped_samples = 0  # this rank's count; rank 0 also carries the total of the resumed checkpoint
         self.model = InstantBooth.from_config(ldm, image_encoder, identifier=identifier,
@@ -94,7 +98,8 @@ class InstantBoothModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         loss = self.model.training_loss(batch["image"], batch["refs"], batch["caption"],
                                         beta=self.beta_train, cond_dropout=self.cond_dropout,
-                                        latents=self._precomputed_latents(batch), crops=batch.get("crop"))
+                                        latents=self._precomputed_latents(batch), crops=batch.get("crop"),
+                                        snr_gamma=self.snr_gamma)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
         if "skipped" in batch:  # bad samples the loader skipped (counted in its workers), summed over ranks
             self.skipped_samples += int(batch["skipped"])
@@ -129,7 +134,8 @@ class InstantBoothModule(L.LightningModule):
         return loss
 
     def _fixed_noise_loss(self, batch, refs, batch_idx):
-        """Fixed noise and timesteps per batch: validation curves compare like with like."""
+        """Fixed noise and timesteps per batch: validation curves compare like with like. Unweighted (whatever
+        model.snr_gamma): val/loss_* mean the same across runs."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.val_seed + batch_idx)
             return self.model.training_loss(batch["image"], refs, batch["caption"], beta=self.beta_train,

@@ -36,6 +36,7 @@ CASES = {
     "identity_eval_concepts_zero": (["--identity_eval.concepts", "0"], "identity_eval.concepts"),
     "adapter_blocks_misspelt": (["--model.adapter_blocks", "[midblock]"], "model.adapter_blocks"),
     "adapter_gate_init_saturated": (["--model.adapter_gate_init", "4"], "model.adapter_gate_init"),
+    "snr_gamma_zero": (["--model.snr_gamma", "0"], "model.snr_gamma"),
 }
 
 

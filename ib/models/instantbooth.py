@@ -3,6 +3,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from ib.models.adapter import GatedSelfAttentionAdapter, adapter_kwargs, install_adapters
@@ -195,10 +196,13 @@ class InstantBooth(nn.Module):
     # --- training objective ---------------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, refs: torch.Tensor, captions: list[str],
                       beta: float = 1.0, cond_dropout: float = 0.0, latents: torch.Tensor | None = None,
-                      crops: torch.Tensor | None = None) -> torch.Tensor:
+                      crops: torch.Tensor | None = None, snr_gamma: float | None = None) -> torch.Tensor:
         """Denoising loss on the full, unmasked target; refs are the augmented, masked object crops.
         latents: the images' VAE latents when precomputed into the shards (the VAE encode is then skipped).
-        crops (B, 4): original height, width, crop top, left of each target (SDXL's size conditioning)."""
+        crops (B, 4): original height, width, crop top, left of each target (SDXL's size conditioning).
+        snr_gamma: Min-SNR-γ weighting (Hang et al. 2023), each sample's loss times min(SNR, γ) / SNR (/ (SNR + 1)
+        for v-prediction); None: the plain mean, the paper's. A small γ trains mostly where noise hides the
+        object, which is where the references decide what is drawn."""
         sched = self.ldm.noise_scheduler
         if latents is None:
             with self.frozen_compute():
@@ -222,4 +226,9 @@ class InstantBooth(nn.Module):
             target = sched.get_velocity(latents, noise, t)
         else:
             target = noise
-        return F.mse_loss(pred.float(), target.float())
+        if snr_gamma is None:
+            return F.mse_loss(pred.float(), target.float())
+        snr = compute_snr(sched, t)
+        weight = snr.clamp(max=snr_gamma) / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * weight).mean()
