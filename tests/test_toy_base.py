@@ -62,6 +62,24 @@ def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path):
     assert len(ldm.tokenizer) == ldm.text_encoder.config.vocab_size == record["vocabulary"]["tokens"] < 1000
 
 
+def test_the_base_reads_captions_with_the_identifier_as_instantbooth_writes_them():
+    """InstantBooth's prompts hold the identifier before the noun; the base reads that form for a share
+    (model.identifier_prob) of its captions, the stripped form for the rest, and the empty prompt for dropout."""
+    from experiments.toy.base_module import ToyBaseModule
+    cfg = yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())["model"]
+    assert 0 < cfg["identifier_prob"] < 1
+    caption = "a photo of a sks ball on the beach"
+    prompts = {}
+    for p in (0.0, cfg["identifier_prob"], 1.0):
+        module = ToyBaseModule(LDMConfig(**cfg["ldm"]), "unused", caption_dropout=0.1, identifier_prob=p)
+        torch.manual_seed(0)
+        prompts[p] = [module._prompt(caption) for _ in range(1000)]
+    assert set(prompts[0.0]) == {"", "a photo of a ball on the beach"}
+    assert set(prompts[1.0]) == {"", caption}
+    share = prompts[cfg["identifier_prob"]].count(caption) / 900  # of the ~900 not dropped
+    assert abs(share - cfg["identifier_prob"]) < 0.06 and 60 < prompts[1.0].count("") < 140
+
+
 def test_a_base_run_that_never_reached_the_unet_phase_says_so_and_writes_nothing(tmp_path):
     world = build(tmp_path / "world", concepts=6, val_concepts=2, images_per_concept=2, size=32, shard_size=8, seed=0)
     cfg = yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())

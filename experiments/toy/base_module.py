@@ -1,10 +1,10 @@
 """Trains the tiny text-to-image latent diffusion model itself on the synthetic world (issue: a base model
 worth freezing). Phase 1 trains the VAE (reconstruction + a small KL), phase 2 the UNet on its latents
-(ε-prediction, captions without the identifier, caption dropout for CFG). The text encoder stays random and
-frozen. At the end the whole model is saved in diffusers layout (its vocabulary cut to the world's words:
-experiments/toy/vocabulary.py), ready for `model.ldm.pretrained`, in
-`save_dtype` (bf16 halves the stored size; the loader computes in float32 again), with record.json beside it:
-how it was made (command, seed, commit) and its final validation losses.
+(ε-prediction, caption dropout for CFG, a share of the captions with the identifier: identifier_prob). The
+text encoder stays random and frozen. At the end the whole model is saved in diffusers layout (its vocabulary
+cut to the world's words: experiments/toy/vocabulary.py), ready for `model.ldm.pretrained`, in `save_dtype`
+(bf16 halves the stored size; the loader computes in float32 again), with record.json beside it: how it was
+made (command, seed, commit) and its final validation losses.
 """
 import copy
 import json
@@ -25,12 +25,13 @@ from experiments.toy.vocabulary import WORLD_TEXTS, prune_vocabulary, world_text
 class ToyBaseModule(L.LightningModule):
     def __init__(self, ldm: LDMConfig, output_dir: str, identifier: str = "sks", vae_steps: int = 1000,
                  lr_vae: float = 1e-3, lr_unet: float = 5e-4, kl_weight: float = 1e-6, caption_dropout: float = 0.1,
-                 save_dtype: str = "bfloat16"):
+                 identifier_prob: float = 0.0, save_dtype: str = "bfloat16"):
         super().__init__()
         ldm = ldm if isinstance(ldm, LDMConfig) else dataclass_from(LDMConfig, ldm, "model.ldm")  # from a checkpoint
         self.save_hyperparameters({"ldm": asdict(ldm), "output_dir": output_dir, "identifier": identifier,
                                    "vae_steps": vae_steps, "lr_vae": lr_vae, "lr_unet": lr_unet,
-                                   "kl_weight": kl_weight, "caption_dropout": caption_dropout, "save_dtype": save_dtype})
+                                   "kl_weight": kl_weight, "caption_dropout": caption_dropout,
+                                   "identifier_prob": identifier_prob, "save_dtype": save_dtype})
         if save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.save_dtype: float32, bfloat16 or float16, got {save_dtype}")
         self.automatic_optimization = False  # two phases, two optimizers
@@ -39,6 +40,7 @@ class ToyBaseModule(L.LightningModule):
         self.ldm.unet.requires_grad_(True)
         self.output_dir, self.identifier = Path(output_dir), identifier
         self.vae_steps, self.kl_weight, self.caption_dropout = vae_steps, kl_weight, caption_dropout
+        self.identifier_prob = identifier_prob
         # Latent std measured when phase 2 starts; a buffer so that it survives checkpoints.
         self.register_buffer("latent_scale", torch.tensor(0.0))
 
@@ -58,8 +60,7 @@ class ToyBaseModule(L.LightningModule):
             if self.latent_scale == 0:
                 self.latent_scale.fill_(1.0 / latents.std())
             latents = latents * self.latent_scale
-        prompts = ["" if torch.rand(()) < self.caption_dropout else strip_identifier(c, self.identifier)
-                   for c in captions]
+        prompts = [self._prompt(c) for c in captions]
         ids = self.ldm.tokenizer(prompts, padding="max_length", max_length=self.ldm.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
@@ -69,6 +70,15 @@ class ToyBaseModule(L.LightningModule):
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), device=self.device)
         pred = self.ldm.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
         return F.mse_loss(pred, noise)
+
+    def _prompt(self, caption: str) -> str:
+        """The empty prompt (caption dropout), the caption as InstantBooth writes it (identifier before the
+        noun; with probability identifier_prob) or without the identifier. InstantBooth's prompts always hold
+        the identifier: a base that never read it draws the wrong class after it, because the random text
+        encoder's later states all read that word."""
+        if torch.rand(()) < self.caption_dropout:
+            return ""
+        return caption if torch.rand(()) < self.identifier_prob else strip_identifier(caption, self.identifier)
 
     def training_step(self, batch, batch_idx):
         vae_opt, unet_opt = self.optimizers()
