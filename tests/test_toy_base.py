@@ -9,7 +9,7 @@ import yaml
 from data_tools.synthetic_world import build
 from data_tools.synthetic_world import main as build_world
 from experiments.toy.cli import main as toy_base_main
-from experiments.toy.vocabulary import prune_vocabulary, resave, world_texts
+from experiments.toy.vocabulary import WORLD_TEXTS, prune_vocabulary, resave, world_texts
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
 from tests.conftest import ROOT, default_config, random_parts
 
@@ -118,7 +118,7 @@ def test_the_cut_vocabulary_gives_the_same_text_states_on_the_worlds_words(tmp_p
 
 def test_the_stored_base_holds_the_cut_vocabulary_and_a_resave_keeps_it(tmp_path):
     record = json.loads((BASE / "record.json").read_text())
-    assert record["vocabulary"]["command"] == "python -m experiments.toy.vocabulary assets/toy-base"
+    assert record["vocabulary"]["texts"] == WORLD_TEXTS  # cut by the trainer that made it (save_base)
     ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(BASE)))
     assert len(ldm.tokenizer) == record["vocabulary"]["tokens"] < 1000
     import shutil
