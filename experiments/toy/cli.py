@@ -1,6 +1,7 @@
 """`python -m experiments.toy.cli --config conf/toy_base.yaml [--ckpt_path last]`: LightningCLI fit of the toy
 base model (the synthetic-world experiment's tiny text-to-image LDM)."""
 import json
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -8,7 +9,6 @@ from pathlib import Path
 from ib.data.datamodule import InstantBoothDataModule
 from ib.run_cli import RunCLI
 from experiments.toy.base_module import ToyBaseModule
-from experiments.toy.provenance import commit
 
 
 def main(argv: list[str]) -> int:
@@ -19,9 +19,16 @@ def main(argv: list[str]) -> int:
     if cli.trainer.is_global_zero:
         cfg = cli.config["fit"]
         cli.model.save_base({"command": " ".join(["python -m experiments.toy.cli", *argv]),
-                             "seed": cfg["seed_everything"], "commit": commit(),
+                             "seed": cfg["seed_everything"], "commit": _commit(),
                              "train_shards": cfg["data"]["train_shards"], "world": _world(cfg["data"]["train_shards"])})
     return 0
+
+
+def _commit() -> str:
+    """HEAD, marked "+changes" when the working tree differs from it (the record must say so)."""
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def _world(train_shards: str) -> dict | None:

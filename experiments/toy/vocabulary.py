@@ -5,12 +5,9 @@ The toy base's text encoder is random and frozen, and its UNet only ever read th
 tokenizer file. `prune_vocabulary` keeps the 512 byte symbols (any text still tokenizes), the specials and the
 merges that the given texts use, with their embedding rows: on those texts the token strings and the text
 states are exactly what the full vocabulary gives. A word outside it is split into smaller pieces, which are
-random rows to this base either way.
-
-    python -m experiments.toy.vocabulary assets/toy-base     # re-saves a stored base in place, recorded
+random rows to this base either way. The toy base trainer cuts its base when it saves it.
 """
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,9 +16,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from data_tools.synthetic_world import CONTEXTS, SHAPES, TEMPLATES
-from experiments.toy.provenance import commit
-from ib.atomic_write import atomic_folder
-from ib.models.frozen_ldm import FrozenLDM, LDMConfig
+from ib.models.frozen_ldm import FrozenLDM
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 WORLD_TEXTS = "the synthetic world's captions, with and without the identifier"  # what record.json says was kept
@@ -74,23 +69,3 @@ def prune_vocabulary(ldm: FrozenLDM, texts: list[str]) -> int:
     c.pad_token_id = new_id.get(c.pad_token_id, c.pad_token_id)
     ldm.tokenizer = new_tok
     return len(new_vocab)
-
-
-def resave(folder: Path, identifier: str = "sks") -> int:
-    """A stored toy base with its vocabulary cut, in place (bf16 as stored); record.json says so."""
-    ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(folder)))
-    record = json.loads((folder / "record.json").read_text())
-    size = prune_vocabulary(ldm, world_texts(identifier))
-    ldm.to(getattr(torch, record.get("dtype", "bfloat16")))  # back to the stored dtype: exact
-    record["vocabulary"] = {"tokens": size, "texts": WORLD_TEXTS,
-                            "command": f"python -m experiments.toy.vocabulary {folder}", "commit": commit()}
-    with atomic_folder(folder) as tmp:
-        ldm.save_pretrained(tmp)
-        (tmp / "record.json").write_text(json.dumps(record, indent=1) + "\n")
-    return size
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "record.json").is_file():
-        sys.exit("usage: python -m experiments.toy.vocabulary BASE_FOLDER  (a toy base with record.json)")
-    print(f"{sys.argv[1]}: {resave(Path(sys.argv[1]))} tokens")
