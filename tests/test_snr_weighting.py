@@ -14,6 +14,12 @@ def _inputs():
     return torch.rand(4, 3, 32, 32), torch.rand(4, 2, 3, 32, 32)
 
 
+def _snr(sched, t=None) -> torch.Tensor:
+    """The noise schedule's signal-to-noise ratio at timesteps t (all of them when None), computed here on its own."""
+    alpha_bar = sched.alphas_cumprod if t is None else sched.alphas_cumprod[t]
+    return alpha_bar / (1 - alpha_bar)
+
+
 def _loss_and_parts(model, monkeypatch, **kwargs):
     """training_loss at seed 0, with the timesteps, noise and prediction it used."""
     seen = {}
@@ -44,8 +50,7 @@ def test_each_sample_is_weighted_by_min_snr_over_snr(gamma, monkeypatch):
     plain, _ = _loss_and_parts(model, monkeypatch)
     weighted, seen = _loss_and_parts(model, monkeypatch, snr_gamma=gamma)
     assert model.ldm.noise_scheduler.config.prediction_type == "epsilon"
-    alpha_bar = model.ldm.noise_scheduler.alphas_cumprod[seen["t"]]
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = _snr(model.ldm.noise_scheduler, seen["t"])
     per_sample = ((seen["pred"] - seen["noise"]) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(weighted, (per_sample * torch.minimum(snr, torch.tensor(gamma)) / snr).mean())
     torch.testing.assert_close(plain, per_sample.mean())  # the same draw: only the weights differ
@@ -56,7 +61,7 @@ def test_each_sample_is_weighted_by_min_snr_over_snr(gamma, monkeypatch):
 def test_a_gamma_above_every_snr_is_the_plain_loss(monkeypatch):
     model = build_tiny_model()
     plain, _ = _loss_and_parts(model, monkeypatch)
-    top = float((lambda a: (a / (1 - a)).max())(model.ldm.noise_scheduler.alphas_cumprod))
+    top = float(_snr(model.ldm.noise_scheduler).max())
     torch.testing.assert_close(_loss_and_parts(model, monkeypatch, snr_gamma=2 * top)[0], plain)
 
 
@@ -65,8 +70,7 @@ def test_v_prediction_weights_by_min_snr_over_snr_plus_one(monkeypatch):
     sched = model.ldm.noise_scheduler
     sched.register_to_config(prediction_type="v_prediction")
     weighted, seen = _loss_and_parts(model, monkeypatch, snr_gamma=1.0)
-    alpha_bar = sched.alphas_cumprod[seen["t"]]
-    snr = alpha_bar / (1 - alpha_bar)
+    snr = _snr(sched, seen["t"])
     velocity = sched.get_velocity(seen["latents"], seen["noise"], seen["t"])
     per_sample = ((seen["pred"] - velocity) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(weighted, (per_sample * torch.clamp(snr, max=1.0) / (snr + 1)).mean())
