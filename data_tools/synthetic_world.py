@@ -34,6 +34,7 @@ CONTEXTS = {  # phrase -> background colour
     "at night": (20, 25, 60), "on a wooden table": (150, 100, 60), "under a blue sky": (120, 170, 235),
     "on the road": (90, 90, 95), "in a red room": (160, 50, 50),
 }
+TEXTURE_WORDS = {"solid": "", "stripes": "striped", "dots": "dotted", "checker": "checkered", "split": "two-tone"}
 TEMPLATES = ("a photo of a {noun} {context}", "a {noun} {context}", "a picture of a {noun} {context}",
              "a close-up photo of a {noun} {context}")
 
@@ -44,6 +45,14 @@ def concept_spec(rng: np.random.Generator, index: int) -> dict:
     return {"concept": f"{noun}_{index:03d}", "class": noun, "shape": SHAPES[noun],
             "texture": str(rng.choice(TEXTURES)), "colours": [str(c1), str(c2)],
             "frequency": float(rng.uniform(2.5, 5.0)), "angle": float(rng.uniform(0, np.pi))}
+
+
+def describe(spec: dict) -> str:
+    """A concept's look in words, 'pink and black striped' ('pink' when solid). Captions never hold it; the toy
+    base reads it in a share of its captions (so that, like a real base, it can draw a look it is told)."""
+    if spec["texture"] == "solid":
+        return spec["colours"][0]
+    return f"{spec['colours'][0]} and {spec['colours'][1]} {TEXTURE_WORDS[spec['texture']]}"
 
 
 def shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

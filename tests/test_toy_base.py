@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from data_tools.synthetic_world import build
+from data_tools.synthetic_world import TEXTURE_WORDS, build
 from data_tools.synthetic_world import main as build_world
 from experiments.toy.cli import main as toy_base_main
 from experiments.toy.vocabulary import WORLD_TEXTS, prune_vocabulary, world_texts
@@ -46,7 +46,7 @@ def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path):
     cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=4, val_check_interval=2,
                           limit_val_batches=1)
     cfg["checkpoint"]["every_n_train_steps"] = 2
-    cfg["model"].update(output_dir=str(tmp_path / "base"), vae_steps=2)
+    cfg["model"].update(output_dir=str(tmp_path / "base"), vae_steps=2, concepts_file=str(world / "concepts.json"))
     cfg["data"].update(train_shards=str(world / "train"), val_shards=str(world / "val"), batch_size=2,
                        batches_per_epoch=2, val_batches=1)
     cfg["data"]["loader"]["num_workers"] = 0
@@ -73,18 +73,40 @@ def test_the_base_reads_captions_with_the_identifier_as_instantbooth_writes_them
     for p in (0.0, cfg["identifier_prob"], 1.0):
         module = ToyBaseModule(LDMConfig(**cfg["ldm"]), "unused", caption_dropout=0.1, identifier_prob=p)
         torch.manual_seed(0)
-        prompts[p] = [module._prompt(caption) for _ in range(1000)]
+        prompts[p] = [module._prompt(caption, "ball_000") for _ in range(1000)]
     assert set(prompts[0.0]) == {"", "a photo of a ball on the beach"}
     assert set(prompts[1.0]) == {"", caption}
     share = prompts[cfg["identifier_prob"]].count(caption) / 900  # of the ~900 not dropped
     assert abs(share - cfg["identifier_prob"]) < 0.06 and 60 < prompts[1.0].count("") < 140
 
 
+def test_the_base_reads_a_share_of_captions_with_the_concepts_look_in_words(tmp_path):
+    """model.description_prob of the captions name the concept's look (data_tools.synthetic_world.describe) where
+    InstantBooth puts the identifier; the rest are as above. Without the world's concepts.json: a one-line error."""
+    from experiments.toy.base_module import ToyBaseModule
+    cfg = yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())["model"]
+    assert 0 < cfg["description_prob"] < 1
+    world = build(tmp_path / "world", concepts=6, val_concepts=2, images_per_concept=1, size=32, shard_size=8, seed=0)
+    spec = json.loads((world / "concepts.json").read_text())[0]
+    assert spec["texture"] != "solid"  # seed 0: the look names both colours and the texture
+    look = f"{spec['colours'][0]} and {spec['colours'][1]} "
+    caption = f"a photo of a sks {spec['class']} on the beach"
+    module = ToyBaseModule(LDMConfig(**cfg["ldm"]), "unused", caption_dropout=0.1, identifier_prob=1.0,
+                           description_prob=cfg["description_prob"], concepts_file=str(world / "concepts.json"))
+    torch.manual_seed(0)
+    prompts = [module._prompt(caption, spec["concept"]) for _ in range(1000)]
+    described = [p for p in prompts if p not in ("", caption)]
+    assert set(described) == {f"a photo of a {look}{TEXTURE_WORDS[spec['texture']]} {spec['class']} on the beach"}
+    assert abs(len(described) / 900 - cfg["description_prob"]) < 0.06
+    with pytest.raises(ValueError, match="model.concepts_file: .* concepts.json"):
+        ToyBaseModule(LDMConfig(**cfg["ldm"]), "unused", description_prob=0.3, concepts_file=str(tmp_path / "none.json"))
+
+
 def test_a_base_run_that_never_reached_the_unet_phase_says_so_and_writes_nothing(tmp_path):
     world = build(tmp_path / "world", concepts=6, val_concepts=2, images_per_concept=2, size=32, shard_size=8, seed=0)
     cfg = yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())
     cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=2, limit_val_batches=0)
-    cfg["model"].update(output_dir=str(tmp_path / "base"), vae_steps=2)
+    cfg["model"].update(output_dir=str(tmp_path / "base"), vae_steps=2, concepts_file=str(world / "concepts.json"))
     cfg["data"].update(train_shards=str(world / "train"), val_shards=str(world / "val"), batch_size=2,
                        batches_per_epoch=2)
     cfg["data"]["loader"]["num_workers"] = 0

@@ -15,18 +15,19 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from data_tools.synthetic_world import CONTEXTS, SHAPES, TEMPLATES
+from data_tools.synthetic_world import COLOURS, CONTEXTS, SHAPES, TEMPLATES, TEXTURE_WORDS
 from ib.models.frozen_ldm import FrozenLDM
 
 SPECIALS = ("<|startoftext|>", "<|endoftext|>")
-WORLD_TEXTS = "the synthetic world's captions, with and without the identifier"  # what record.json says was kept
+WORLD_TEXTS = "the synthetic world's captions, with and without the identifier, and its words for looks"  # what record.json says was kept
 
 
 def world_texts(identifier: str) -> list[str]:
     """Every caption the synthetic world writes, each also with the identifier before the noun (as InstantBooth
-    prompts hold it)."""
+    prompts hold it), and the words the toy base's look descriptions use (data_tools.synthetic_world.describe)."""
+    looks = " and ".join([*COLOURS, *filter(None, TEXTURE_WORDS.values())])
     return [t.format(noun=noun, context=c) for t in TEMPLATES for n in SHAPES for noun in (n, f"{identifier} {n}")
-            for c in CONTEXTS]
+            for c in CONTEXTS] + [looks]
 
 
 def _tokens(tokenizer, texts: list[str]) -> list[list[str]]:
