@@ -146,3 +146,21 @@ def test_the_stored_base_holds_the_cut_vocabulary():
     vocabulary = ldm.tokenizer.get_vocab()
     assert prune_vocabulary(ldm, world_texts(record["hparams"]["identifier"])) == len(vocabulary)  # nothing to cut
     assert ldm.tokenizer.get_vocab() == vocabulary
+
+
+def test_the_stored_base_reads_the_word_in_the_identifiers_place():
+    """The concept token replaces the text state at V̂'s position, so the frozen base must read that position, as
+    SD's UNet reads its words: swapping that one state ('blue' for 'red') moves the UNet's prediction. (A base on
+    a random 2-layer causal text encoder read the padding states, which summarise the prompt; the same swap moved
+    its prediction by 0.1 %, and InstantBooth's concept token carried nothing.)"""
+    ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(BASE)))
+    red, blue = (_text_states(ldm, [f"a photo of a {w} ball on the grass"]) for w in ("red", "blue"))
+    position = ldm.tokenizer.tokenize("a photo of a red ball").index("red</w>") + 1  # after <|startoftext|>
+    swapped = red.clone()
+    swapped[:, position] = blue[:, position]
+    torch.manual_seed(0)
+    latents, t = torch.randn(8, 4, 8, 8), torch.full((8,), 700)
+    with torch.no_grad():
+        predict = lambda states: ldm.unet(latents, t, encoder_hidden_states=states.expand(8, -1, -1)).sample
+        before, after = predict(red), predict(swapped)
+    assert (after - before).norm() / before.norm() > 0.01
