@@ -40,7 +40,14 @@ def test_the_base_was_trained_on_the_default_worlds_training_concepts_only(tmp_p
     assert "make toy-base" in (ROOT / "assets" / "README.md").read_text()
 
 
-def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path):
+def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path, monkeypatch):
+    # The record names the commit the training ran on: taken at launch, not after an hour of training, when the
+    # working tree may hold edits or a new commit.
+    import experiments.toy.cli as toy_cli
+    from experiments.toy.base_module import ToyBaseModule
+    trained = []
+    monkeypatch.setattr(ToyBaseModule, "on_fit_end", lambda self: trained.append(True), raising=False)
+    monkeypatch.setattr(toy_cli, "_commit", lambda: "after training" if trained else "at launch")
     world = build(tmp_path / "world", concepts=6, val_concepts=2, images_per_concept=2, size=32, shard_size=8, seed=0)
     cfg = yaml.safe_load((ROOT / "conf" / "toy_base.yaml").read_text())
     cfg["trainer"].update(default_root_dir=str(tmp_path / "run"), max_steps=4, val_check_interval=2,
@@ -57,6 +64,7 @@ def test_the_base_trainer_writes_a_loadable_bf16_base_with_its_record(tmp_path):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     record = json.loads((tmp_path / "base" / "record.json").read_text())
     assert record["steps"] == 4 and record["seed"] == 0 and record["world"]["concepts"] == 6
+    assert trained and record["commit"] == "at launch"
     ldm = FrozenLDM.from_config(LDMConfig(pretrained=str(tmp_path / "base")))
     assert ldm.vae.config.scaling_factor > 0 and ldm.image_size == 32
     assert len(ldm.tokenizer) == ldm.text_encoder.config.vocab_size == record["vocabulary"]["tokens"] < 1000

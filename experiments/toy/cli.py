@@ -14,12 +14,13 @@ from experiments.toy.base_module import ToyBaseModule
 def main(argv: list[str]) -> int:
     # Manual optimisation (two phases): a checkpoint holds the state after the step, which is what resuming needs.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    commit = _commit()  # the code the training runs, before an hour in which the tree may change
     cli = RunCLI(ToyBaseModule, InstantBoothDataModule, args=["fit", *argv],
                  save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False})
     if cli.trainer.is_global_zero:
         cfg = cli.config["fit"]
         cli.model.save_base({"command": " ".join(["python -m experiments.toy.cli", *argv]),
-                             "seed": cfg["seed_everything"], "commit": _commit(),
+                             "seed": cfg["seed_everything"], "commit": commit,
                              "train_shards": cfg["data"]["train_shards"], "world": _world(cfg["data"]["train_shards"])})
     return 0
 
