@@ -12,9 +12,14 @@ def contains_identifier(prompt: str, identifier: str) -> bool:
     return _pattern(identifier).search(prompt) is not None
 
 
+def replace_identifier(prompt: str, identifier: str, text: str) -> str:
+    """'a photo of a sks dog' -> 'a photo of a {text} dog', whitespace normalised."""
+    return " ".join(_pattern(identifier).sub(text, prompt).split())
+
+
 def strip_identifier(prompt: str, identifier: str) -> str:
     """'a photo of a sks dog' -> 'a photo of a dog' (the CLIP-T protocol)."""
-    return " ".join(_pattern(identifier).sub(" ", prompt).split())
+    return replace_identifier(prompt, identifier, " ")
 
 
 def insert_identifier(caption: str, class_noun: str, identifier: str) -> str | None:

@@ -9,19 +9,18 @@ made (command, seed, commit) and its final validation losses.
 """
 import copy
 import json
-import re
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 from ib.allow_list import dataclass_from
 from ib.atomic_write import atomic_folder
 from ib.models.frozen_ldm import FrozenLDM, LDMConfig
-from ib.identifier import strip_identifier
+from ib.identifier import replace_identifier, strip_identifier
+from ib.models.instantbooth import min_snr_weights
 from data_tools.synthetic_world import describe
 from experiments.toy.vocabulary import WORLD_TEXTS, prune_vocabulary, world_texts
 
@@ -78,8 +77,8 @@ class ToyBaseModule(L.LightningModule):
         pred = self.ldm.unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
         if self.hparams.snr_gamma is None:
             return F.mse_loss(pred, noise)
-        snr = compute_snr(sched, t)  # Min-SNR-γ: the noisy steps, where the caption decides the image, weigh more
-        return ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(snr.clamp(max=self.hparams.snr_gamma) / snr).mean()
+        weight = min_snr_weights(sched, t, self.hparams.snr_gamma)  # the noisy steps, where the caption decides, weigh more
+        return ((pred - noise) ** 2).mean(dim=(1, 2, 3)).mul(weight).mean()
 
     def _prompt(self, caption: str, concept: str) -> str:
         """The empty prompt (caption dropout); with probability description_prob the concept's look in words where
@@ -92,7 +91,7 @@ class ToyBaseModule(L.LightningModule):
         if torch.rand(()) < self.caption_dropout:
             return ""
         if torch.rand(()) < self.description_prob:
-            return " ".join(re.sub(rf"(?<!\w){re.escape(self.identifier)}(?!\w)", self.descriptions[concept], caption).split())
+            return replace_identifier(caption, self.identifier, self.descriptions[concept])
         return caption if torch.rand(()) < self.identifier_prob else strip_identifier(caption, self.identifier)
 
     def training_step(self, batch, batch_idx):

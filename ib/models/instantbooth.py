@@ -228,7 +228,12 @@ class InstantBooth(nn.Module):
             target = noise
         if snr_gamma is None:
             return F.mse_loss(pred.float(), target.float())
-        snr = compute_snr(sched, t)
-        weight = snr.clamp(max=snr_gamma) / (snr + 1 if sched.config.prediction_type == "v_prediction" else snr)
+        weight = min_snr_weights(sched, t, snr_gamma)
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return (per_sample * weight).mean()
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ (Hang et al. 2023): each sample's loss weight, min(SNR, γ) / SNR (/ (SNR + 1) for v-prediction)."""
+    snr = compute_snr(scheduler, t)
+    return snr.clamp(max=gamma) / (snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr)
