@@ -43,9 +43,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise ConfigError(_unreadable(path, e)) from e
 
 
-def check_checkpoint_file(path: str, field_name: str = "--ckpt_path") -> None:
-    """A checkpoint named on the command line: there, and readable without running code (mmap: no tensor data
-    is read). LightningCLI reads its hyper-parameters before anything else, so it is checked first."""
+def check_checkpoint_file(path: str, field_name: str = "--ckpt_path") -> dict:
+    """A checkpoint named on the command line: there, a Lightning checkpoint, and readable without running code
+    (mmap: no tensor data is read). -> its contents, for further checks."""
     if not Path(path).is_file():
         raise ConfigError(f"{field_name}: file not found: {path}")
     try:
@@ -54,6 +54,7 @@ def check_checkpoint_file(path: str, field_name: str = "--ckpt_path") -> None:
         raise ConfigError(f"{field_name}: {_unreadable(path, e)}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"{field_name}: {path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
 
 
 def _unreadable(path, e: BaseException) -> str:

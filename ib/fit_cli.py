@@ -14,6 +14,7 @@ from ib.data.datamodule import InstantBoothDataModule
 from ib.errors import ConfigError, NonFiniteLossError, one_line
 from ib.lit_module import InstantBoothModule
 from ib.run_cli import RunCLI
+from ib.weights import check_hparams
 
 
 class InstantBoothCLI(RunCLI):
@@ -56,10 +57,20 @@ def _option_values(argv: list[str], name: str) -> list[str]:
 
 
 def check_ckpt_path(argv: list[str]) -> None:
-    """A checkpoint file given by path: LightningCLI reads its hyper-parameters before anything else."""
+    """A checkpoint file given by path, before anything is built: readable without running code, its stored
+    config inside the allow-lists (the run is built from the command line, not from it: RunCLI), and written
+    by Lightning (the trainer restores its loops from that)."""
     for path in _option_values(argv, "--ckpt_path"):
-        if path not in ("last", "best", "hpc", "registry", "null", ""):
-            check_checkpoint_file(path)
+        if path in ("last", "best", "hpc", "registry", "null", ""):
+            continue
+        ckpt = check_checkpoint_file(path)
+        try:
+            if "hyper_parameters" in ckpt:
+                check_hparams(ckpt["hyper_parameters"])
+        except ConfigError as e:
+            raise ConfigError(f"--ckpt_path {path}: {e}") from e
+        if "pytorch-lightning_version" not in ckpt:
+            raise ConfigError(f"--ckpt_path: {path} is not a Lightning checkpoint (no pytorch-lightning_version)")
 
 
 def check_config_files(argv: list[str]) -> None:

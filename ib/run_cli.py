@@ -100,6 +100,12 @@ class RunCLI(LightningCLI):
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
         parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath", compute_fn=_checkpoint_dir)
 
+    def _parse_ckpt_path(self) -> None:
+        """Does nothing: the config is what a resume runs. Lightning's CLI (2.6) puts the hyper-parameters stored
+        in a checkpoint over the command line when --ckpt_path names a file (not for `last`), silently undoing a
+        changed learning rate (Lightning-AI/pytorch-lightning#21455). What must not change is refused by
+        check_run_folder and by the weights check when the checkpoint loads."""
+
     def before_instantiate_classes(self):
         if self.subcommand == "fit":
             cfg = self.config["fit"]

@@ -77,7 +77,7 @@ class Marker:
         return (os.system, (f"touch {self.path}",))
 
 
-@pytest.mark.parametrize("what", ["pickle", "missing", "not_torch"])
+@pytest.mark.parametrize("what", ["pickle", "missing", "not_torch", "not_lightning"])
 def test_fit_ckpt_path_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsys, what):
     """LightningCLI reads an explicit --ckpt_path before anything else; a pickle gave a multi-line traceback."""
     from ib.cli import main
@@ -88,6 +88,8 @@ def test_fit_ckpt_path_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsy
         torch.save({"state_dict": {}, "payload": Marker(marker)}, ckpt)
     elif what == "not_torch":
         ckpt.write_text("hello")
+    elif what == "not_lightning":  # weights alone: the trainer would fail on the missing loop state
+        torch.save({"state_dict": {}}, ckpt)
     run = tmp_path / "run"
     code = main(["fit", "--config", str(DEFAULT_CONFIG), "--ckpt_path", str(ckpt),
                  "--trainer.default_root_dir", str(run)])
@@ -95,5 +97,5 @@ def test_fit_ckpt_path_that_is_not_a_safe_checkpoint_is_one_line(tmp_path, capsy
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("ib: error: --ckpt_path: "), err
     assert {"pickle": "is not a weights-only checkpoint", "missing": "file not found",
-            "not_torch": "cannot read"}[what] in err[0]
+            "not_torch": "cannot read", "not_lightning": "is not a Lightning checkpoint"}[what] in err[0]
     assert not marker.exists() and not run.exists()

@@ -60,9 +60,8 @@ def test_fit_writes_checkpoints_and_resumes_at_saved_step(tmp_path, synthetic_sh
 
 
 def test_resume_from_another_architecture_is_one_line_error(tmp_path, synthetic_shards, capsys):
-    """The config changed the UNet width but the run folder holds the old last.ckpt: refuse in one line.
-    (`--ckpt_path last`, as `make train` does: with an explicit file LightningCLI takes the model config
-    from the checkpoint's hyper-parameters instead.)"""
+    """The config changed the UNet width but the run folder holds the old last.ckpt: refuse in one line,
+    whether the checkpoint is named `last` (as `make train` does) or by its path."""
     config = run_config(tmp_path, synthetic_shards, random_ldm=True, max_steps=2)  # the UNet from the config
     assert main(["fit", "--config", str(config)]) == 0
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
@@ -72,6 +71,9 @@ def test_resume_from_another_architecture_is_one_line_error(tmp_path, synthetic_
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("ib: error: checkpoint: weights do not fit this model:"), err[-3:]
     assert "expected (96," in err[-1]
+    assert main(["fit", "--config", str(wider), "--trainer.max_steps", "4", "--ckpt_path", str(last)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ib: error: checkpoint: weights do not fit this model:"), err[-3:]
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 2  # left alone
 
 
@@ -165,3 +167,9 @@ def test_resume_applies_changed_learning_rates_and_carries_skip_counts(tmp_path,
     # The skip count goes on from the checkpoint's (it restarted at 0).
     assert resumed.skipped[0] == saved["skipped_samples"]
     assert ckpt["skipped_samples"] == resumed.skipped[-1] > saved["skipped_samples"]
+    # Resuming from a checkpoint named by its path applies the command line too (Lightning's CLI used to put
+    # the checkpoint's hyper-parameters over it when --ckpt_path was a file, but not for `last`).
+    assert main(["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+                 "--trainer.max_steps", "6", "--model.optim.lr_heads", "0.004", "--model.optim.lr_adapters", "0.0005"]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6 and ckpt["lr_schedulers"][0]["base_lrs"] == [4e-3, 5e-4]

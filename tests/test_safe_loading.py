@@ -155,7 +155,7 @@ def test_fit_refuses_checkpoint_whose_hyper_parameters_unlock_pickles(tmp_path, 
     torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "hyper_parameters": hparams}, ckpt)
     config = run_config(tmp_path, synthetic_shards)
     msg = one_line_error(capsys, ["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
-    assert msg == "ib: error: model.image_encoder.overrides.weights_only: not an allowed field"
+    assert msg == f"ib: error: --ckpt_path {ckpt}: model.image_encoder.overrides.weights_only: not an allowed field"
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
