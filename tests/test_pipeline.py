@@ -1,5 +1,6 @@
 """InstantBoothPipeline: diffusers-native loading, saving, schedulers, base swap, and its agreement with plain SD."""
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -202,12 +203,15 @@ def test_base_swap_runs_the_trained_part_on_another_base_of_the_same_shape(model
     assert not torch.equal(run(tuned, refs), run(recorded, refs))
 
 
-def test_a_base_of_another_shape_is_refused_in_one_line(weights, tmp_path):
+def test_a_base_of_another_shape_is_refused_in_one_line(model, weights, tmp_path):
     cfg = random_parts()
-    other = FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "block_out_channels": [32, 64]}}))
+    trained = list(model.ldm.unet.config.block_out_channels)
+    wider = [2 * c for c in trained]
+    other = FrozenLDM.from_config(LDMConfig(**{**cfg, "unet": {**cfg["unet"], "block_out_channels": wider}}))
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ConfigError, match=r"^base .*other: the base's UNet differs from the one the weights were "
-                                          r"trained on: block_out_channels \[32, 64\] vs \[64, 128\]$"):
+    reason = re.escape(f"block_out_channels {wider} vs {trained}")
+    with pytest.raises(ConfigError, match=rf"^base .*other: the base's UNet differs from the one the weights were "
+                                          rf"trained on: {reason}$"):
         InstantBoothPipeline.from_weights(weights, base=tmp_path / "other")
 
 
