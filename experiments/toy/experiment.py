@@ -8,7 +8,7 @@ each also inside the object (loss_*_object: the squared error weighted by the fr
 target's object mask covers; the references describe the object, the background is the prompt's business);
 the same pair with the adapters off, the concept token off and both off (`ablations`; both off: gap 0 by
 construction); and colour identity scores (ib/metrics/colour_identity.py) of images generated with own vs
-shuffled references.
+shuffled references, with the gap's standard error over concepts.
 Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
 the shuffled reference).
 """
@@ -136,7 +136,10 @@ class Experiment:
 
     @torch.no_grad()
     def identity(self, cfg: SamplingConfig, prompts_per_concept: int) -> tuple[dict, torch.Tensor]:
+        """-> mean scores with own and shuffled references, their gap and its standard error, and the grid.
+        The error is over concepts (a concept's prompts share its references: not independent samples)."""
         scores = defaultdict(list)
+        gaps = []
         rows = []
         for i, (concept, ss) in enumerate(tqdm(self.concepts.items(), desc="identity", unit="concept")):
             own, other = self.refs(concept, None), self.refs(self.partner[concept], None)
@@ -152,8 +155,12 @@ class Experiment:
                     size = g_own.shape[-1]
                     up = lambda x: torch.nn.functional.interpolate(x[None], size=size, mode="bilinear")[0]
                     rows.append(torch.stack([up(own[0]), g_own, g_shuf, up(other[0])]))
+            k = min(len(ss), prompts_per_concept)
+            gaps.append(np.mean(scores["own"][-k:]) - np.mean(scores["shuffled"][-k:]))
         grid = make_grid(torch.cat(rows), nrow=4, padding=1, pad_value=1.0)
-        return {k: float(np.mean(v)) for k, v in scores.items()}, grid
+        means = {k: float(np.mean(v)) for k, v in scores.items()}
+        se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
+        return {**means, "gap": float(np.mean(gaps)), "gap_se": se}, grid
 
 
 def main(argv=None) -> int:
@@ -194,6 +201,7 @@ def main(argv=None) -> int:
                                 "own_vs_shuffled_reduction_object": reduction(pair, "object_mean")}
                       for setting, pair in losses.items()},
         "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
+        "identity_gap": ident["gap"], "identity_gap_se": ident["gap_se"],  # own - shuffled, error over concepts
         "identity_balanced": {**at["balanced"], **ident_bal},
         "losses": losses,
         "settings": {"weights": a.weights, "data": a.data, "held_out_concepts": len(exp.concepts),
