@@ -8,7 +8,7 @@ each also inside the object (loss_*_object: the squared error weighted by the fr
 target's object mask covers; the references describe the object, the background is the prompt's business);
 the same pair with the adapters off, the concept token off and both off (`ablations`; both off: gap 0 by
 construction); and colour identity scores (ib/metrics/colour_identity.py) of images generated with own vs
-shuffled references, with the gap's standard error over concepts.
+shuffled references, with the gap's standard error over concepts and the number of concepts where own is above.
 Writes OUT/report.json and OUT/grid.png (reference | generated with own refs | generated with shuffled refs |
 the shuffled reference).
 """
@@ -160,7 +160,8 @@ class Experiment:
         grid = make_grid(torch.cat(rows), nrow=4, padding=1, pad_value=1.0)
         means = {k: float(np.mean(v)) for k, v in scores.items()}
         se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
-        return {**means, "gap": float(np.mean(gaps)), "gap_se": se}, grid
+        return {**means, "gap": float(np.mean(gaps)), "gap_se": se,
+                "concepts_own_above": int(np.sum(np.array(gaps) > 0)), "concepts": len(gaps)}, grid
 
 
 def main(argv=None) -> int:
@@ -202,6 +203,7 @@ def main(argv=None) -> int:
                       for setting, pair in losses.items()},
         "identity_own": ident["own"], "identity_shuffled": ident["shuffled"],
         "identity_gap": ident["gap"], "identity_gap_se": ident["gap_se"],  # own - shuffled, error over concepts
+        "identity_concepts_own_above": ident["concepts_own_above"],
         "identity_balanced": {**at["balanced"], **ident_bal},
         "losses": losses,
         "settings": {"weights": a.weights, "data": a.data, "held_out_concepts": len(exp.concepts),
