@@ -71,6 +71,9 @@ def test_the_default_run_transfers_identity_to_held_out_concepts(tmp_path, monke
     summary = {k: round(v, 5) for k, v in report.items() if isinstance(v, float)}
     assert not shortfalls(report), (shortfalls(report), summary)
     assert report["identity_own"] > report["identity_shuffled"] + MARGIN_IDENTITY, summary
+    # One image per concept and setting: the gap over concepts is the difference of the means.
+    assert report["identity_gap"] == pytest.approx(report["identity_own"] - report["identity_shuffled"])
+    assert report["identity_gap_se"] > 0 and 0 < report["identity_concepts_own_above"] <= 24
     assert report["ablations"]["both_off"]["own_vs_shuffled_reduction"] == 0.0  # nothing reads the references
 
     # The same measurement with the references cut off the injection path (every concept's references
