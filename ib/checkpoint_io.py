@@ -44,8 +44,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 
 def check_checkpoint_file(path: str, field_name: str = "--ckpt_path") -> dict:
-    """A checkpoint named on the command line: there, a Lightning checkpoint, and readable without running code
-    (mmap: no tensor data is read). -> its contents, for further checks."""
+    """A checkpoint named on the command line: there, readable without running code (mmap: no tensor data is
+    read) and holding a state_dict. -> its contents, for the caller's further checks."""
     if not Path(path).is_file():
         raise ConfigError(f"{field_name}: file not found: {path}")
     try:

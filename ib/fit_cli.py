@@ -64,11 +64,11 @@ def check_ckpt_path(argv: list[str]) -> None:
         if path in ("last", "best", "hpc", "registry", "null", ""):
             continue
         ckpt = check_checkpoint_file(path)
-        try:
-            if "hyper_parameters" in ckpt:
+        if "hyper_parameters" in ckpt:
+            try:
                 check_hparams(ckpt["hyper_parameters"])
-        except ConfigError as e:
-            raise ConfigError(f"--ckpt_path {path}: {e}") from e
+            except ConfigError as e:
+                raise ConfigError(f"--ckpt_path {path}: {e}") from e
         if "pytorch-lightning_version" not in ckpt:
             raise ConfigError(f"--ckpt_path: {path} is not a Lightning checkpoint (no pytorch-lightning_version)")
 

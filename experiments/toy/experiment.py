@@ -144,24 +144,26 @@ class Experiment:
         for i, (concept, ss) in enumerate(tqdm(self.concepts.items(), desc="identity", unit="concept")):
             own, other = self.refs(concept, None), self.refs(self.partner[concept], None)
             ref_pixels = self.object_pixels(concept)
+            mine = defaultdict(list)  # this concept's scores
             for j, s in enumerate(ss[:prompts_per_concept]):
                 prompt = insert_identifier(s["caption"], s["meta"]["class"], self.model.identifier)
                 seed = self.seed + 1000 * i + j
                 g_own = generate(self.pipe, own[None], [prompt], cfg, [seed])[0]
                 g_shuf = generate(self.pipe, other[None], [prompt], cfg, [seed])[0]
                 for name, g in (("own", g_own), ("shuffled", g_shuf)):
-                    scores[name].append(colour_identity(g, ref_pixels))
+                    mine[name].append(colour_identity(g, ref_pixels))
                 if j == 0:
                     size = g_own.shape[-1]
                     up = lambda x: torch.nn.functional.interpolate(x[None], size=size, mode="bilinear")[0]
                     rows.append(torch.stack([up(own[0]), g_own, g_shuf, up(other[0])]))
-            k = min(len(ss), prompts_per_concept)
-            gaps.append(np.mean(scores["own"][-k:]) - np.mean(scores["shuffled"][-k:]))
+            for name, values in mine.items():
+                scores[name] += values
+            gaps.append(np.mean(mine["own"]) - np.mean(mine["shuffled"]))
         grid = make_grid(torch.cat(rows), nrow=4, padding=1, pad_value=1.0)
         means = {k: float(np.mean(v)) for k, v in scores.items()}
         se = float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else float("nan")
         return {**means, "gap": float(np.mean(gaps)), "gap_se": se,
-                "concepts_own_above": int(np.sum(np.array(gaps) > 0)), "concepts": len(gaps)}, grid
+                "concepts_own_above": int(np.sum(np.array(gaps) > 0))}, grid
 
 
 def main(argv=None) -> int:
